@@ -1,0 +1,405 @@
+//! The attribute's arguments, parsed into one typed struct. Parsing reads
+//! `name = value` pairs as expressions first and then checks each value, so
+//! every mistake of one attribute is reported together, each at its token.
+
+use proc_macro2::{Span, TokenStream};
+use syn::parse::{Parse, ParseStream};
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{Expr, ExprLit, Lit, LitStr, Token};
+
+/// Collects errors instead of stopping at the first.
+#[derive(Default)]
+pub(crate) struct Errors(Option<syn::Error>);
+
+impl Errors {
+    pub(crate) fn push(&mut self, e: syn::Error) {
+        match &mut self.0 {
+            Some(all) => all.combine(e),
+            None => self.0 = Some(e),
+        }
+    }
+    pub(crate) fn at(&mut self, span: Span, msg: impl std::fmt::Display) {
+        self.push(syn::Error::new(span, msg));
+    }
+    pub(crate) fn into_compile_errors(self) -> TokenStream {
+        self.0.map(|e| e.to_compile_error()).unwrap_or_default()
+    }
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+/// `store = …`
+pub(crate) enum Store {
+    Sqlite,
+    Postgres,
+    Redis,
+    Memory,
+    Custom(syn::Path),
+}
+
+impl Store {
+    pub(crate) fn name(&self) -> String {
+        match self {
+            Store::Sqlite => "sqlite".into(),
+            Store::Postgres => "postgres".into(),
+            Store::Redis => "redis".into(),
+            Store::Memory => "memory".into(),
+            Store::Custom(p) => quote::ToTokens::to_token_stream(p).to_string().replace(' ', ""),
+        }
+    }
+    /// `Some(true)` / `Some(false)` when known at compile time.
+    pub(crate) fn transactional(&self) -> Option<bool> {
+        match self {
+            Store::Sqlite | Store::Postgres => Some(true),
+            Store::Redis | Store::Memory => Some(false),
+            Store::Custom(_) => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AckMode {
+    Before,
+    Auto,
+    Manual,
+    ManualImmediate,
+    Batch,
+}
+
+impl AckMode {
+    pub(crate) fn is_manual(self) -> bool {
+        matches!(self, AckMode::Manual | AckMode::ManualImmediate)
+    }
+    pub(crate) fn ident(self) -> &'static str {
+        match self {
+            AckMode::Before => "Before",
+            AckMode::Auto => "Auto",
+            AckMode::Manual => "Manual",
+            AckMode::ManualImmediate => "ManualImmediate",
+            AckMode::Batch => "Batch",
+        }
+    }
+}
+
+/// One way of getting a key.
+pub(crate) enum KeySpec {
+    /// `"order_id"`, `"customer.id"`: the field path, split, with the literal's span.
+    Field { path: Vec<syn::Member>, text: String, span: Span },
+    /// `header("Idempotency-Key")`
+    Header(LitStr),
+    /// `message_id`
+    MessageId,
+    /// `("tenant_id", "order_id")`
+    Composite(Vec<KeySpec>),
+}
+
+impl KeySpec {
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            KeySpec::Field { text, .. } => text.clone(),
+            KeySpec::Header(h) => format!("header({:?})", h.value()),
+            KeySpec::MessageId => "message_id".into(),
+            KeySpec::Composite(parts) => {
+                format!("({})", parts.iter().map(KeySpec::describe).collect::<Vec<_>>().join(", "))
+            }
+        }
+    }
+    pub(crate) fn has_field(&self) -> bool {
+        match self {
+            KeySpec::Field { .. } => true,
+            KeySpec::Composite(p) => p.iter().any(KeySpec::has_field),
+            _ => false,
+        }
+    }
+}
+
+/// A duration argument: milliseconds, with its token's span.
+#[derive(Clone, Copy)]
+pub(crate) struct Millis(pub(crate) u64);
+
+/// Everything the attribute said. `None` = not given.
+#[derive(Default)]
+pub(crate) struct Args {
+    pub(crate) topic: Option<LitStr>,
+    pub(crate) key: Option<(KeySpec, Span)>,
+    pub(crate) with: Option<syn::Path>,
+    pub(crate) store: Option<(Store, Span)>,
+    pub(crate) ack: Option<(AckMode, Span)>,
+    pub(crate) ttl: Option<Millis>,
+    pub(crate) lease: Option<Millis>,
+    pub(crate) retries: Option<u32>,
+    pub(crate) backoff: Option<(Millis, Millis)>,
+    pub(crate) dead_letter: Option<LitStr>,
+    pub(crate) ordered: Option<bool>,
+    pub(crate) name: Option<LitStr>,
+    pub(crate) fingerprint: Option<Vec<(Vec<syn::Member>, Span)>>,
+    pub(crate) on_missing_key: Option<(bool, Span)>,
+    pub(crate) on_in_progress: Option<bool>,
+    pub(crate) max_key_len: Option<u64>,
+    pub(crate) krate: Option<syn::Path>,
+}
+
+const ARGUMENTS: &str = "topic, key, with, store, ack, ttl, lease, retries, backoff, dead_letter, ordered, name, fingerprint, on_missing_key, on_in_progress, max_key_len, crate";
+
+/// `name = value`, with `crate` accepted as a name.
+struct RawArg {
+    name: syn::Ident,
+    value: Expr,
+}
+
+impl Parse for RawArg {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        let name = if input.peek(Token![crate]) {
+            let kw: Token![crate] = input.parse()?;
+            syn::Ident::new("crate", kw.span)
+        } else {
+            input.call(syn::ext::IdentExt::parse_any)?
+        };
+        input.parse::<Token![=]>().map_err(|e| {
+            syn::Error::new(e.span(), format!("expected `=` after `{name}`: arguments are written `{name} = value`"))
+        })?;
+        let value: Expr = input.parse()?;
+        Ok(RawArg { name, value })
+    }
+}
+
+fn lit_str(v: &Expr, errors: &mut Errors, what: &str) -> Option<LitStr> {
+    match v {
+        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => Some(s.clone()),
+        other => {
+            errors.at(other.span(), format!("`{what}` takes a string literal, e.g. {what} = \"…\""));
+            None
+        }
+    }
+}
+
+fn one_of<T: Copy>(v: &Expr, errors: &mut Errors, what: &str, options: &[(&str, T)]) -> Option<T> {
+    let s = lit_str(v, errors, what)?;
+    let value = s.value();
+    match options.iter().find(|(n, _)| *n == value) {
+        Some((_, t)) => Some(*t),
+        None => {
+            let valid = options.iter().map(|(n, _)| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
+            errors.at(s.span(), format!("unknown {what} {value:?}; expected one of: {valid}"));
+            None
+        }
+    }
+}
+
+fn duration(s: &LitStr, errors: &mut Errors, what: &str) -> Option<Millis> {
+    match humantime::parse_duration(s.value().trim()) {
+        Ok(d) if d.as_millis() > 0 => Some(Millis(d.as_millis().min(u128::from(u64::MAX)) as u64)),
+        Ok(_) => {
+            errors.at(s.span(), format!("`{what}` must be longer than zero"));
+            None
+        }
+        Err(e) => {
+            errors.at(s.span(), format!("invalid duration for `{what}`: {e}; write e.g. \"500ms\", \"30s\", \"7d\""));
+            None
+        }
+    }
+}
+
+fn field_path(s: &LitStr, errors: &mut Errors, what: &str) -> Option<Vec<syn::Member>> {
+    let text = s.value();
+    let mut out = Vec::new();
+    for seg in text.split('.') {
+        let member = if let Ok(i) = seg.parse::<u32>() {
+            syn::Member::Unnamed(syn::Index { index: i, span: s.span() })
+        } else if !seg.is_empty()
+            && seg.chars().next().is_some_and(|c| c.is_alphabetic() || c == '_')
+            && seg.chars().all(|c| c.is_alphanumeric() || c == '_')
+        {
+            syn::Member::Named(syn::Ident::new(seg, s.span()))
+        } else {
+            errors.at(
+                s.span(),
+                format!("`{text}` is not a field path; {what} names a payload field like \"order_id\" or \"customer.id\""),
+            );
+            return None;
+        };
+        out.push(member);
+    }
+    Some(out)
+}
+
+fn key_spec(v: &Expr, errors: &mut Errors, nested: bool) -> Option<KeySpec> {
+    const FORMS: &str = "\"field\", \"nested.field\", (\"a\", \"b\"), header(\"Name\"), message_id";
+    match v {
+        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => {
+            let path = field_path(s, errors, "key")?;
+            Some(KeySpec::Field { path, text: s.value(), span: s.span() })
+        }
+        Expr::Path(p) if p.path.is_ident("message_id") => Some(KeySpec::MessageId),
+        Expr::Call(c) if matches!(&*c.func, Expr::Path(p) if p.path.is_ident("header")) => {
+            match (c.args.len(), c.args.first()) {
+                (1, Some(Expr::Lit(ExprLit { lit: Lit::Str(s), .. }))) if !s.value().is_empty() => {
+                    Some(KeySpec::Header(s.clone()))
+                }
+                _ => {
+                    errors.at(c.span(), "`header(…)` takes one non-empty string: header(\"Idempotency-Key\")");
+                    None
+                }
+            }
+        }
+        Expr::Tuple(t) if !nested => {
+            if t.elems.len() < 2 || t.elems.len() > 6 {
+                errors.at(t.span(), "a composite key has 2 to 6 parts");
+                return None;
+            }
+            let parts: Vec<_> = t.elems.iter().map(|e| key_spec(e, errors, true)).collect();
+            parts.into_iter().collect::<Option<Vec<_>>>().map(KeySpec::Composite)
+        }
+        Expr::Paren(p) => key_spec(&p.expr, errors, nested),
+        other => {
+            errors.at(other.span(), format!("unsupported key; expected one of: {FORMS}, or use `with = path::to::extractor`"));
+            None
+        }
+    }
+}
+
+impl Args {
+    /// Parses and checks the attribute's tokens. Syntax errors stop parsing;
+    /// value errors are collected into `errors`.
+    pub(crate) fn parse(tokens: TokenStream, errors: &mut Errors) -> Args {
+        let mut args = Args::default();
+        let parser = Punctuated::<RawArg, Token![,]>::parse_terminated;
+        let raw = match syn::parse::Parser::parse2(parser, tokens) {
+            Ok(raw) => raw,
+            Err(e) => {
+                errors.push(e);
+                return args;
+            }
+        };
+        let mut seen: Vec<String> = Vec::new();
+        for RawArg { name, value } in raw {
+            let n = name.to_string();
+            if seen.contains(&n) {
+                errors.at(name.span(), format!("`{n}` is given twice; keep one"));
+                continue;
+            }
+            seen.push(n.clone());
+            let v = &value;
+            match n.as_str() {
+                "topic" => {
+                    args.topic = lit_str(v, errors, "topic").filter(|s| {
+                        let ok = !s.value().trim().is_empty();
+                        if !ok {
+                            errors.at(s.span(), "`topic` must not be empty");
+                        }
+                        ok
+                    })
+                }
+                "key" => args.key = key_spec(v, errors, false).map(|k| (k, v.span())),
+                "with" => match v {
+                    Expr::Path(p) => args.with = Some(p.path.clone()),
+                    other => errors.at(other.span(), "`with` takes a path to a key extractor: with = my_extractor"),
+                },
+                "store" => {
+                    let store = match v {
+                        Expr::Path(p) => Some(Store::Custom(p.path.clone())),
+                        _ => one_of(
+                            v,
+                            errors,
+                            "store",
+                            &[("sqlite", 0), ("postgres", 1), ("redis", 2), ("memory", 3)],
+                        )
+                        .map(|i| [Store::Sqlite, Store::Postgres, Store::Redis, Store::Memory].into_iter().nth(i).unwrap_or(Store::Memory)),
+                    };
+                    args.store = store.map(|s| (s, v.span()));
+                }
+                "ack" => {
+                    args.ack = one_of(
+                        v,
+                        errors,
+                        "ack mode",
+                        &[
+                            ("before", AckMode::Before),
+                            ("auto", AckMode::Auto),
+                            ("manual", AckMode::Manual),
+                            ("manual_immediate", AckMode::ManualImmediate),
+                            ("batch", AckMode::Batch),
+                        ],
+                    )
+                    .map(|a| (a, v.span()))
+                }
+                "ttl" => args.ttl = lit_str(v, errors, "ttl").and_then(|s| duration(&s, errors, "ttl")),
+                "lease" => args.lease = lit_str(v, errors, "lease").and_then(|s| duration(&s, errors, "lease")),
+                "backoff" => {
+                    if let Some(s) = lit_str(v, errors, "backoff") {
+                        let text = s.value();
+                        match text.split_once("..") {
+                            Some((a, b)) => {
+                                let lo = duration(&LitStr::new(a, s.span()), errors, "backoff");
+                                let hi = duration(&LitStr::new(b, s.span()), errors, "backoff");
+                                if let (Some(lo), Some(hi)) = (lo, hi) {
+                                    if lo.0 > hi.0 {
+                                        errors.at(s.span(), "`backoff` is \"min..max\" with min <= max");
+                                    } else {
+                                        args.backoff = Some((lo, hi));
+                                    }
+                                }
+                            }
+                            None => errors.at(s.span(), "`backoff` is a range \"min..max\", e.g. \"100ms..30s\""),
+                        }
+                    }
+                }
+                "retries" | "max_key_len" => match v {
+                    Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => match i.base10_parse::<u32>() {
+                        Ok(x) if n == "retries" => args.retries = Some(x),
+                        Ok(x) if x > 0 => args.max_key_len = Some(u64::from(x)),
+                        _ => errors.at(i.span(), format!("`{n}` takes a positive integer")),
+                    },
+                    other => errors.at(other.span(), format!("`{n}` takes an integer, e.g. {n} = 5")),
+                },
+                "dead_letter" => args.dead_letter = lit_str(v, errors, "dead_letter"),
+                "ordered" => match v {
+                    Expr::Lit(ExprLit { lit: Lit::Bool(b), .. }) => args.ordered = Some(b.value),
+                    other => errors.at(other.span(), "`ordered` takes `true` or `false`"),
+                },
+                "name" => {
+                    args.name = lit_str(v, errors, "name").filter(|s| {
+                        let ok = !s.value().trim().is_empty();
+                        if !ok {
+                            errors.at(s.span(), "`name` must not be empty");
+                        }
+                        ok
+                    })
+                }
+                "fingerprint" => match v {
+                    Expr::Array(a) if !a.elems.is_empty() => {
+                        let mut fields = Vec::new();
+                        for e in &a.elems {
+                            if let Some(s) = lit_str(e, errors, "fingerprint")
+                                && let Some(p) = field_path(&s, errors, "fingerprint")
+                            {
+                                fields.push((p, s.span()));
+                            }
+                        }
+                        args.fingerprint = Some(fields);
+                    }
+                    other => errors.at(other.span(), "`fingerprint` takes a non-empty list of fields: [\"amount\", \"currency\"]"),
+                },
+                "on_missing_key" => {
+                    args.on_missing_key = one_of(v, errors, "on_missing_key", &[("dead_letter", true), ("reject", false)])
+                        .map(|b| (b, v.span()))
+                }
+                "on_in_progress" => {
+                    args.on_in_progress = one_of(v, errors, "on_in_progress", &[("retry", false), ("wait", true)])
+                }
+                "crate" => {
+                    if let Some(s) = lit_str(v, errors, "crate") {
+                        match s.parse::<syn::Path>() {
+                            Ok(p) => args.krate = Some(p),
+                            Err(_) => errors.at(s.span(), "`crate` takes a path, e.g. crate = \"my_idem\""),
+                        }
+                    }
+                }
+                _ => errors.at(name.span(), format!("unknown argument `{n}`; expected one of: {ARGUMENTS}")),
+            }
+        }
+        args
+    }
+}

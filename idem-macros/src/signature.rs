@@ -1,0 +1,106 @@
+//! What the handler's parameters and return type are. Parameters are
+//! recognised by their shape: `&mut T` is the store transaction, `Ack` the
+//! ack token, `&Delivery` the delivery, and the one by-value parameter left
+//! is the payload.
+
+use proc_macro2::Span;
+use syn::spanned::Spanned;
+use syn::{FnArg, ItemFn, Type};
+
+use crate::args::Errors;
+
+pub(crate) enum Param {
+    Payload,
+    Tx,
+    Ack,
+    Delivery,
+}
+
+pub(crate) struct Signature {
+    /// The parameters in order, with their types' spans.
+    pub(crate) params: Vec<(Param, Span)>,
+    pub(crate) payload: Option<Type>,
+    pub(crate) tx: Option<Span>,
+    pub(crate) ack: Option<Span>,
+    pub(crate) output: Option<Type>,
+}
+
+fn last_segment_is(ty: &Type, name: &str) -> bool {
+    match ty {
+        Type::Path(p) => p.qself.is_none() && p.path.segments.last().is_some_and(|s| s.ident == name),
+        Type::Group(g) => last_segment_is(&g.elem, name),
+        Type::Paren(p) => last_segment_is(&p.elem, name),
+        _ => false,
+    }
+}
+
+impl Signature {
+    pub(crate) fn read(f: &ItemFn, errors: &mut Errors) -> Signature {
+        let sig = &f.sig;
+        if sig.asyncness.is_none() {
+            errors.at(sig.fn_token.span, "#[idempotent] handlers must be `async fn`: add `async` before `fn`");
+        }
+        if !sig.generics.params.is_empty() {
+            errors.at(sig.generics.span(), "#[idempotent] handlers cannot be generic: the runtime needs one concrete payload type");
+        }
+        if let Some(v) = &sig.variadic {
+            errors.at(v.span(), "#[idempotent] handlers cannot be variadic");
+        }
+        let mut out = Signature { params: Vec::new(), payload: None, tx: None, ack: None, output: None };
+        for input in &sig.inputs {
+            let pat = match input {
+                FnArg::Receiver(r) => {
+                    errors.at(r.span(), "#[idempotent] handlers are free functions, not methods: remove `self`");
+                    continue;
+                }
+                FnArg::Typed(pat) => pat,
+            };
+            let ty = &*pat.ty;
+            let span = ty.span();
+            let (param, slot) = match ty {
+                Type::Reference(r) if r.mutability.is_some() => (Param::Tx, &mut out.tx),
+                Type::Reference(r) if last_segment_is(&r.elem, "Delivery") => (Param::Delivery, &mut None),
+                Type::Reference(_) => {
+                    errors.at(
+                        span,
+                        "unsupported parameter: the payload is taken by value; `&mut idem::Tx<'_>` is the transaction, `&idem::Delivery` the delivery",
+                    );
+                    continue;
+                }
+                t if last_segment_is(t, "Ack") => (Param::Ack, &mut out.ack),
+                _ => {
+                    if out.payload.is_some() {
+                        errors.at(
+                            span,
+                            "a handler takes one payload parameter; the others must be `tx: &mut idem::Tx<'_>`, `ack: idem::Ack` or `delivery: &idem::Delivery`",
+                        );
+                        continue;
+                    }
+                    out.payload = Some(ty.clone());
+                    out.params.push((Param::Payload, span));
+                    continue;
+                }
+            };
+            if slot.is_some() {
+                errors.at(span, "this kind of parameter is given twice; keep one");
+                continue;
+            }
+            *slot = Some(span);
+            out.params.push((param, span));
+        }
+        if out.payload.is_none() {
+            errors.at(
+                sig.ident.span(),
+                "a handler needs a payload parameter, e.g. `order: OrderPlaced` (a type implementing serde::Deserialize)",
+            );
+        }
+        match &sig.output {
+            syn::ReturnType::Type(_, ty) => out.output = Some((**ty).clone()),
+            syn::ReturnType::Default => errors.at(
+                sig.paren_token.span.join(),
+                "an idempotent handler must return `Result<T, E>`: the error decides retry and dead-lettering",
+            ),
+        }
+        out
+    }
+}

@@ -1,0 +1,68 @@
+//! Runtime of [idem](https://docs.rs/idem): the consumer loop, dedup stores
+//! and sources behind `#[idempotent]`. Users depend on the `idem` facade,
+//! which re-exports this crate and the macro.
+#![forbid(unsafe_code)]
+
+pub mod ack;
+mod consumer;
+pub mod delivery;
+pub mod fingerprint;
+pub mod handler;
+pub mod key;
+pub mod metrics;
+mod process;
+pub mod runtime;
+pub mod source;
+pub mod store;
+
+pub use ack::{Ack, AckMode};
+pub use delivery::{Delivery, Headers, Receipt};
+pub use fingerprint::{Fingerprint, Fingerprinter};
+pub use handler::{Backoff, HandlerFn, HandlerMeta, HandlerResult, OnInProgress, OnMissingKey, Payload};
+pub use key::{Key, KeyError, KeyExtractor};
+pub use metrics::Stats;
+pub use runtime::{BuildError, Registry, Runtime, RuntimeBuilder, Stores};
+pub use source::{DeadLetter, Source, SourceError, Subscription};
+pub use store::{DedupStore, NoStore, NoTx, StoreError, TransactionalStore};
+#[cfg(feature = "sqlite")]
+pub use store::sql::Tx;
+pub use tokio_util::sync::CancellationToken;
+
+/// What generated code refers to. Not a public API: it changes without notice.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::handler::HandlerDescriptor;
+    pub use crate::key::{Absent, Field, Header, KeyPart, MessageId, OptionalKeyPart};
+    pub use inventory;
+    pub use serde;
+    pub use std::time::Duration;
+
+    /// The built-in stores by attribute name. A store whose cargo feature is
+    /// off is a placeholder type whose "not a dedup store" error names the feature.
+    #[allow(non_camel_case_types)]
+    pub mod stores {
+        pub use crate::store::memory::MemoryStore as Memory;
+        #[cfg(feature = "sqlite")]
+        pub use crate::store::sqlite::SqliteStore as Sqlite;
+        /// Placeholder: enable the `sqlite` feature of idem.
+        #[cfg(not(feature = "sqlite"))]
+        pub struct Sqlite_RequiresIdemFeature_sqlite;
+        #[cfg(not(feature = "sqlite"))]
+        pub use Sqlite_RequiresIdemFeature_sqlite as Sqlite;
+        /// Placeholder: enable the `postgres` feature of idem.
+        pub struct Postgres_RequiresIdemFeature_postgres;
+        pub use Postgres_RequiresIdemFeature_postgres as Postgres;
+        /// Placeholder: enable the `redis` feature of idem.
+        pub struct Redis_RequiresIdemFeature_redis;
+        pub use Redis_RequiresIdemFeature_redis as Redis;
+    }
+
+    /// Compile-time check that a store hands the handler a transaction.
+    pub const fn assert_transactional<S: crate::store::TransactionalStore>() {}
+    /// Compile-time check of the payload type.
+    pub const fn assert_payload<P: crate::handler::Payload>() {}
+    /// Compile-time check of the store type.
+    pub const fn assert_store<S: crate::store::DedupStore>() {}
+    /// Compile-time check of a key extractor.
+    pub fn assert_extractor<P, E: crate::key::KeyExtractor<P>>(_: &E) {}
+}

@@ -1,0 +1,113 @@
+//! What the SQL stores share: the handler's transaction handle and the
+//! validation of table names that end up in SQL text.
+
+use std::ops::{Deref, DerefMut};
+
+use super::StoreError;
+
+/// The handler's transaction: its writes and the dedup record commit together.
+///
+/// Derefs to the database connection, so sqlx queries run on it directly:
+///
+/// ```no_run
+/// # async fn f(tx: &mut idem::Tx<'_>) -> Result<(), sqlx::Error> {
+/// sqlx::query("INSERT INTO shipments (order_id) VALUES (?)")
+///     .bind(7_i64)
+///     .execute(&mut **tx)
+///     .await?;
+/// # Ok(()) }
+/// ```
+///
+/// Do not commit or roll back yourself: idem commits after the handler
+/// returns `Ok` (and only then acks), and rolls back on `Err` or panic.
+pub struct Tx<'c, DB: sqlx::Database = sqlx::Sqlite> {
+    inner: sqlx::Transaction<'c, DB>,
+}
+
+impl<'c, DB: sqlx::Database> Tx<'c, DB> {
+    pub(crate) fn new(inner: sqlx::Transaction<'c, DB>) -> Self {
+        Tx { inner }
+    }
+
+    pub(crate) fn into_inner(self) -> sqlx::Transaction<'c, DB> {
+        self.inner
+    }
+
+    /// The connection the transaction runs on (same as `&mut **tx`).
+    pub fn conn(&mut self) -> &mut DB::Connection {
+        &mut self.inner
+    }
+
+    /// The underlying sqlx transaction, e.g. to open a savepoint with
+    /// `sqlx::Acquire::begin(tx.transaction())`.
+    pub fn transaction(&mut self) -> &mut sqlx::Transaction<'c, DB> {
+        &mut self.inner
+    }
+}
+
+impl<DB: sqlx::Database> Deref for Tx<'_, DB> {
+    type Target = DB::Connection;
+    fn deref(&self) -> &DB::Connection {
+        &self.inner
+    }
+}
+
+impl<DB: sqlx::Database> DerefMut for Tx<'_, DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
+        &mut self.inner
+    }
+}
+
+impl<DB: sqlx::Database> std::fmt::Debug for Tx<'_, DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tx").field("database", &DB::NAME).finish_non_exhaustive()
+    }
+}
+
+/// Checks a table (or schema) name before it is put into SQL text: ASCII
+/// letters, digits and `_`, not starting with a digit, at most 63 bytes.
+/// Anything else is rejected, not quoted: names come from configuration, and
+/// a name with SQL in it is an attack or a typo either way.
+///
+/// ```
+/// use idem::store::sql::validate_identifier;
+/// assert!(validate_identifier("sqlite", "idem_dedup").is_ok());
+/// assert!(validate_identifier("sqlite", "x; DROP TABLE orders").is_err());
+/// ```
+pub fn validate_identifier(store: &'static str, name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && !name.as_bytes()[0].is_ascii_digit()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Config {
+            store,
+            message: format!(
+                "invalid table name {name:?}: use 1 to 63 ASCII letters, digits or '_', not starting with a digit"
+            ),
+        })
+    }
+}
+
+/// Maps a driver error: a missing table is a setup mistake with a known fix,
+/// anything else counts as "unavailable" (retried with backoff).
+pub(crate) fn map_err(store: &'static str, table: &str, e: sqlx::Error) -> StoreError {
+    let text = e.to_string();
+    if text.contains("no such table") || (text.contains("relation") && text.contains("does not exist")) {
+        return StoreError::Config {
+            store,
+            message: format!("dedup table {table:?} does not exist: call the store's `migrate()` once at start-up ({text})"),
+        };
+    }
+    StoreError::unavailable(store, e)
+}
+
+/// Milliseconds since the Unix epoch, for `created_at` / `expires_at`.
+pub(crate) fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
