@@ -175,6 +175,8 @@ struct State {
 struct Topic {
     log: Vec<Arc<Stored>>,
     groups: HashMap<String, Group>,
+    /// Acks to lose on purpose, by message id (every group).
+    forced_lost_acks: HashMap<Arc<str>, u32>,
 }
 
 #[derive(Debug)]
@@ -193,7 +195,6 @@ struct Group {
     in_flight: HashMap<u64, usize>,
     deliveries: HashMap<usize, u32>,
     lost_acks: HashMap<usize, u32>,
-    forced_lost_acks: HashMap<usize, u32>,
     dead_letter: Option<String>,
 }
 
@@ -277,16 +278,10 @@ impl MemoryBroker {
 
     /// Makes the next `times` acks of this message id get lost: the message
     /// comes back as if the consumer died after its commit, before its ack.
-    /// Call it after the group subscribed.
     pub fn lose_next_acks(&self, topic: &str, id: &str, times: u32) {
         let mut st = self.lock();
-        let Some(t) = st.topics.get_mut(topic) else { return };
-        let idxs: Vec<usize> = t.log.iter().enumerate().filter(|(_, m)| &*m.id == id).map(|(i, _)| i).collect();
-        for g in t.groups.values_mut() {
-            for i in &idxs {
-                *g.forced_lost_acks.entry(*i).or_default() += times;
-            }
-        }
+        let t = st.topics.entry(topic.to_owned()).or_default();
+        *t.forced_lost_acks.entry(id.into()).or_default() += times;
     }
 
     /// Hands every in-flight delivery of `topic` out again, as a failover or
@@ -361,7 +356,7 @@ impl MemoryBroker {
             st.dead_letters.entry(dest).or_default().push(DeadLetterRecord { delivery, letter: letter.clone() });
             st.events.push(BrokerEvent::DeadLettered { id, reason: letter.reason.clone() });
         } else {
-            let forced = g.forced_lost_acks.get_mut(&idx).filter(|n| **n > 0).map(|n| *n -= 1).is_some();
+            let forced = t.forced_lost_acks.get_mut(&msg.id).filter(|n| **n > 0).map(|n| *n -= 1).is_some();
             let lost = g.lost_acks.entry(idx).or_default();
             let random = !forced
                 && *lost < st.faults.max_lost_acks_per_message
