@@ -85,7 +85,7 @@ impl<Sub: Subscription> Ctx<Sub> {
     async fn dead_letter(&self, seq: u64, d: &Delivery, reason: String, attempts: u32) {
         self.forget(seq);
         HandlerMetrics::inc(&self.metrics.dead_lettered);
-        tracing::error!(reason = %reason, attempts, "dead-lettered");
+        tracing::error!(handler = self.meta.name, message_id = %d.id, reason = %reason, attempts, "dead-lettered");
         let letter = DeadLetter { reason, attempts, handler: self.meta.name.to_owned() };
         if let Err(e) = self.sub.dead_letter(d, &letter).await {
             // Not settled: the broker redelivers it and it is dead-lettered again.
