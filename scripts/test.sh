@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit + integration + trybuild UI
+# tests, doctests, docs, and the quickstart's own exactly-once verification.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy (all targets, all features, -D warnings)"
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+echo "== cargo test (unit, integration, trybuild UI, doctests)"
+cargo test --workspace --all-features --locked
+echo "== cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --locked
+echo "== quickstart"
+cargo run --locked --example quickstart
