@@ -45,7 +45,12 @@ enum AppError {
 }
 
 /// One row per order, written in the same transaction as idem's dedup row.
-#[idempotent(topic = "orders", key = "order_id", store = "sqlite", name = "place-order")]
+#[idempotent(
+    topic = "orders",
+    key = "order_id",
+    store = "sqlite",
+    name = "place-order"
+)]
 async fn place_order(order: OrderPlaced, tx: &mut Tx<'_>) -> Result<(), AppError> {
     if order.amount_cents <= 0 {
         return Err(AppError::InvalidAmount(order.amount_cents));
@@ -61,7 +66,13 @@ async fn place_order(order: OrderPlaced, tx: &mut Tx<'_>) -> Result<(), AppError
 
 /// Manual ack: the handler says when the payment is booked; idem still
 /// sends the ack only after the transaction committed.
-#[idempotent(topic = "payments", key = "order_id", store = "sqlite", name = "capture-payment", ack = "manual_immediate")]
+#[idempotent(
+    topic = "payments",
+    key = "order_id",
+    store = "sqlite",
+    name = "capture-payment",
+    ack = "manual_immediate"
+)]
 async fn capture_payment(p: PaymentCaptured, tx: &mut Tx<'_>, ack: Ack) -> Result<(), AppError> {
     sqlx::query("INSERT INTO payments (order_id, amount_cents) VALUES (?, ?)")
         .bind(&p.order_id)
@@ -76,7 +87,10 @@ async fn capture_payment(p: PaymentCaptured, tx: &mut Tx<'_>, ack: Ack) -> Resul
 /// claimed at once and committed once; each item runs in its own savepoint.
 #[idempotent(topic = "shipments", key = header("Idempotency-Key"), store = "sqlite", name = "ship-order", ack = "batch")]
 async fn ship_order(s: ShipmentRequested, tx: &mut Tx<'_>) -> Result<(), AppError> {
-    sqlx::query("INSERT INTO shipments (order_id) VALUES (?)").bind(&s.order_id).execute(&mut **tx).await?;
+    sqlx::query("INSERT INTO shipments (order_id) VALUES (?)")
+        .bind(&s.order_id)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
@@ -103,7 +117,10 @@ fn publish_all(broker: &MemoryBroker) {
         let paid = serde_json::json!({ "order_id": id, "amount_cents": amount });
         broker.publish("payments", Message::new(paid.to_string()));
         let ship = serde_json::json!({ "order_id": id });
-        broker.publish("shipments", Message::new(ship.to_string()).header("Idempotency-Key", format!("ship-{id}")));
+        broker.publish(
+            "shipments",
+            Message::new(ship.to_string()).header("Idempotency-Key", format!("ship-{id}")),
+        );
         if i % 10 == 0 {
             // The producer timed out and sent the order again: a new message
             // id for the same business key.
@@ -111,16 +128,23 @@ fn publish_all(broker: &MemoryBroker) {
         }
     }
     // Poison: not JSON, and a JSON order that the handler refuses.
-    broker.publish("orders", Message::new("{\"order_id\": \"order-9999\", \"customer\": ").id("poison-truncated"));
+    broker.publish(
+        "orders",
+        Message::new("{\"order_id\": \"order-9999\", \"customer\": ").id("poison-truncated"),
+    );
     let bad = serde_json::json!({ "order_id": "order-bad", "customer": "c0", "amount_cents": -5 });
-    broker.publish("orders", Message::new(bad.to_string()).id("poison-negative"));
+    broker.publish(
+        "orders",
+        Message::new(bad.to_string()).id("poison-negative"),
+    );
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
         )
         .with_target(false)
         .init();
@@ -182,9 +206,18 @@ async fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let elapsed = started.elapsed();
 
     let events = broker.events();
-    let delivered = events.iter().filter(|e| matches!(e, BrokerEvent::Delivered { .. })).count();
-    let lost_acks = events.iter().filter(|e| matches!(e, BrokerEvent::AckLost { .. })).count();
-    let published = events.iter().filter(|e| matches!(e, BrokerEvent::Published { .. })).count();
+    let delivered = events
+        .iter()
+        .filter(|e| matches!(e, BrokerEvent::Delivered { .. }))
+        .count();
+    let lost_acks = events
+        .iter()
+        .filter(|e| matches!(e, BrokerEvent::AckLost { .. }))
+        .count();
+    let published = events
+        .iter()
+        .filter(|e| matches!(e, BrokerEvent::Published { .. }))
+        .count();
     let stats = runtime.stats();
     let duplicates: u64 = stats.iter().map(|(_, s)| s.duplicate).sum();
     let processed: u64 = stats.iter().map(|(_, s)| s.processed).sum();
@@ -195,7 +228,8 @@ async fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let payments = count(&store, "SELECT COUNT(*) FROM payments").await?;
     let distinct_payments = count(&store, "SELECT COUNT(DISTINCT order_id) FROM payments").await?;
     let shipments = count(&store, "SELECT COUNT(*) FROM shipments").await?;
-    let distinct_shipments = count(&store, "SELECT COUNT(DISTINCT order_id) FROM shipments").await?;
+    let distinct_shipments =
+        count(&store, "SELECT COUNT(DISTINCT order_id) FROM shipments").await?;
     // Every order paid exactly its amount: a double payment or a missing one shows here.
     let wrongly_paid = count(
         &store,

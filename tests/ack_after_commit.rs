@@ -28,19 +28,34 @@ impl DedupStore for Recording {
     async fn begin(&self) -> Result<Self::Tx<'static>, StoreError> {
         self.inner.begin().await
     }
-    async fn claim(&self, tx: &mut Self::Tx<'_>, requests: &[ClaimRequest<'_>]) -> Result<Vec<Claim>, StoreError> {
+    async fn claim(
+        &self,
+        tx: &mut Self::Tx<'_>,
+        requests: &[ClaimRequest<'_>],
+    ) -> Result<Vec<Claim>, StoreError> {
         self.inner.claim(tx, requests).await
     }
     async fn commit(&self, tx: Self::Tx<'static>, done: &[Claimed<'_>]) -> Result<(), StoreError> {
         self.inner.commit(tx, done).await?;
-        let ids = done.iter().map(|c| c.request.message_id.to_owned()).collect();
+        let ids = done
+            .iter()
+            .map(|c| c.request.message_id.to_owned())
+            .collect();
         self.broker.record(BrokerEvent::Committed { ids });
         Ok(())
     }
-    async fn rollback(&self, tx: Self::Tx<'static>, claimed: &[Claimed<'_>]) -> Result<(), StoreError> {
+    async fn rollback(
+        &self,
+        tx: Self::Tx<'static>,
+        claimed: &[Claimed<'_>],
+    ) -> Result<(), StoreError> {
         self.inner.rollback(tx, claimed).await
     }
-    async fn unclaim(&self, tx: &mut Self::Tx<'_>, claimed: &[Claimed<'_>]) -> Result<(), StoreError> {
+    async fn unclaim(
+        &self,
+        tx: &mut Self::Tx<'_>,
+        claimed: &[Claimed<'_>],
+    ) -> Result<(), StoreError> {
         self.inner.unclaim(tx, claimed).await
     }
     async fn nested<'t>(&self, tx: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, StoreError> {
@@ -102,7 +117,10 @@ fn assert_commit_precedes_ack(events: &[BrokerEvent]) {
             BrokerEvent::Committed { ids } => committed.extend(ids.iter().cloned()),
             BrokerEvent::Acked { id } => {
                 acks += 1;
-                assert!(committed.contains(id), "ack of {id} before its commit: {events:#?}");
+                assert!(
+                    committed.contains(id),
+                    "ack of {id} before its commit: {events:#?}"
+                );
             }
             _ => {}
         }
@@ -112,12 +130,20 @@ fn assert_commit_precedes_ack(events: &[BrokerEvent]) {
 
 async fn check_mode(topic: &str, handler: &str) {
     let store = sqlite().await;
-    let broker = MemoryBroker::with_faults(Faults { duplicate: 0.3, lose_ack: 0.3, seed: 11, ..Faults::default() });
+    let broker = MemoryBroker::with_faults(Faults {
+        duplicate: 0.3,
+        lose_ack: 0.3,
+        seed: 11,
+        ..Faults::default()
+    });
     for i in 0..30 {
         broker.publish(topic, order(&format!("k{i}"), i).id(format!("{topic}-{i}")));
     }
     let rt = Runtime::builder(broker.clone())
-        .store(Recording { inner: store.clone(), broker: broker.clone() })
+        .store(Recording {
+            inner: store.clone(),
+            broker: broker.clone(),
+        })
         .handlers([handler])
         .build()
         .unwrap();

@@ -16,7 +16,13 @@ struct Order {
     seq: u32,
 }
 
-#[idempotent(topic = "prop", key = "order_id", store = "sqlite", name = "prop-sqlite", backoff = "1ms..2ms")]
+#[idempotent(
+    topic = "prop",
+    key = "order_id",
+    store = "sqlite",
+    name = "prop-sqlite",
+    backoff = "1ms..2ms"
+)]
 async fn prop_sqlite(o: Order, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO effects (handler, key, seq) VALUES ('prop-sqlite', ?, ?)")
         .bind(&o.order_id)
@@ -26,7 +32,14 @@ async fn prop_sqlite(o: Order, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-#[idempotent(topic = "prop", key = "order_id", store = "sqlite", name = "prop-batch", ack = "batch", backoff = "1ms..2ms")]
+#[idempotent(
+    topic = "prop",
+    key = "order_id",
+    store = "sqlite",
+    name = "prop-batch",
+    ack = "batch",
+    backoff = "1ms..2ms"
+)]
 async fn prop_batch(o: Order, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO effects (handler, key, seq) VALUES ('prop-batch', ?, ?)")
         .bind(&o.order_id)
@@ -54,9 +67,9 @@ proptest! {
         let counts = rt.block_on(async {
             let store = sqlite().await;
             let broker = MemoryBroker::with_faults(Faults { duplicate, lose_ack, reorder, seed, max_lost_acks_per_message: 3 });
-            for k in 0..keys {
+            for (k, extra) in resends.iter().take(keys).enumerate() {
                 // Producer retries: the same business key under new message ids.
-                for r in 0..=resends[k] {
+                for r in 0..=*extra {
                     broker.publish("prop", order(&format!("k{k}"), r).id(format!("m{k}-{r}")));
                 }
             }

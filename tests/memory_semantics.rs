@@ -21,7 +21,12 @@ struct Order {
 type Effects = Mutex<Option<HashMap<String, u32>>>;
 
 fn record(effects: &Effects, key: &str) {
-    *effects.lock().unwrap().get_or_insert_with(HashMap::new).entry(key.to_owned()).or_default() += 1;
+    *effects
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .entry(key.to_owned())
+        .or_default() += 1;
 }
 
 fn counts(effects: &Effects) -> HashMap<String, u32> {
@@ -38,11 +43,20 @@ async fn mem_dup(o: Order) -> Result<(), String> {
 
 #[tokio::test]
 async fn redelivered_message_applies_once() {
-    let broker = MemoryBroker::with_faults(Faults { duplicate: 0.5, lose_ack: 0.3, seed: 3, ..Faults::default() });
+    let broker = MemoryBroker::with_faults(Faults {
+        duplicate: 0.5,
+        lose_ack: 0.3,
+        seed: 3,
+        ..Faults::default()
+    });
     for i in 0..40 {
         broker.publish("dup", order(&format!("k{i}"), 0).id(format!("m{i}")));
     }
-    let rt = Runtime::builder(broker.clone()).store(MemoryStore::new()).handlers(["mem-dup"]).build().unwrap();
+    let rt = Runtime::builder(broker.clone())
+        .store(MemoryStore::new())
+        .handlers(["mem-dup"])
+        .build()
+        .unwrap();
     run_until_idle(&rt, &broker).await;
     let c = counts(&DUP);
     assert_eq!(c.len(), 40);
@@ -52,7 +66,12 @@ async fn redelivered_message_applies_once() {
 
 static CRASH: Effects = Mutex::new(None);
 
-#[idempotent(topic = "crash", key = "order_id", store = "memory", name = "mem-crash")]
+#[idempotent(
+    topic = "crash",
+    key = "order_id",
+    store = "memory",
+    name = "mem-crash"
+)]
 async fn mem_crash(o: Order) -> Result<(), String> {
     record(&CRASH, &o.order_id);
     Ok(())
@@ -63,16 +82,34 @@ async fn crash_between_commit_and_ack_is_acked_as_duplicate() {
     let broker = MemoryBroker::new();
     broker.publish("crash", order("k1", 0).id("m1"));
     broker.lose_next_acks("crash", "m1", 2);
-    let rt = Runtime::builder(broker.clone()).store(MemoryStore::new()).handlers(["mem-crash"]).build().unwrap();
+    let rt = Runtime::builder(broker.clone())
+        .store(MemoryStore::new())
+        .handlers(["mem-crash"])
+        .build()
+        .unwrap();
     run_until_idle(&rt, &broker).await;
     assert_eq!(counts(&CRASH).get("k1"), Some(&1));
     assert_eq!(rt.stats_of("mem-crash").unwrap().duplicate, 2);
-    assert_eq!(broker.events().iter().filter(|e| matches!(e, BrokerEvent::AckLost { .. })).count(), 2);
+    assert_eq!(
+        broker
+            .events()
+            .iter()
+            .filter(|e| matches!(e, BrokerEvent::AckLost { .. }))
+            .count(),
+        2
+    );
 }
 
 static RELEASE_CALLS: AtomicU32 = AtomicU32::new(0);
 
-#[idempotent(topic = "release", key = "order_id", store = "memory", name = "mem-release", lease = "1h", backoff = "1ms..2ms")]
+#[idempotent(
+    topic = "release",
+    key = "order_id",
+    store = "memory",
+    name = "mem-release",
+    lease = "1h",
+    backoff = "1ms..2ms"
+)]
 async fn mem_release(_o: Order) -> Result<(), String> {
     if RELEASE_CALLS.fetch_add(1, Ordering::SeqCst) == 0 {
         return Err("first attempt fails".into());
@@ -87,7 +124,11 @@ async fn failure_releases_the_lease_so_the_retry_runs_at_once() {
     let broker = MemoryBroker::new();
     broker.publish("release", order("k1", 0));
     let store = MemoryStore::new();
-    let rt = Runtime::builder(broker.clone()).store(store).handlers(["mem-release"]).build().unwrap();
+    let rt = Runtime::builder(broker.clone())
+        .store(store)
+        .handlers(["mem-release"])
+        .build()
+        .unwrap();
     run_until_idle(&rt, &broker).await;
     assert_eq!(RELEASE_CALLS.load(Ordering::SeqCst), 2);
     let s = rt.stats_of("mem-release").unwrap();
@@ -96,7 +137,14 @@ async fn failure_releases_the_lease_so_the_retry_runs_at_once() {
 
 static BATCH: Effects = Mutex::new(None);
 
-#[idempotent(topic = "batch", key = "order_id", store = "memory", name = "mem-batch", ack = "batch", backoff = "1ms..2ms")]
+#[idempotent(
+    topic = "batch",
+    key = "order_id",
+    store = "memory",
+    name = "mem-batch",
+    ack = "batch",
+    backoff = "1ms..2ms"
+)]
 async fn mem_batch(o: Order) -> Result<(), String> {
     let first = !counts(&BATCH).contains_key(&format!("attempt:{}", o.order_id));
     record(&BATCH, &format!("attempt:{}", o.order_id));
@@ -114,7 +162,11 @@ async fn batch_item_failure_retries_only_that_item() {
         broker.publish("batch", order(&format!("k{i}"), 0));
     }
     broker.publish("batch", Message::new("not json").id("poison"));
-    let rt = Runtime::builder(broker.clone()).store(MemoryStore::new()).handlers(["mem-batch"]).build().unwrap();
+    let rt = Runtime::builder(broker.clone())
+        .store(MemoryStore::new())
+        .handlers(["mem-batch"])
+        .build()
+        .unwrap();
     run_until_idle(&rt, &broker).await;
     let c = counts(&BATCH);
     for i in 1..=4 {

@@ -65,16 +65,31 @@ async fn shutdown_finishes_in_flight_messages_and_fetches_no_more() {
     // Published after the stop: must not be fetched.
     broker.publish("slow", order("late", 9).id("late"));
     GATE.add_permits(4);
-    tokio::time::timeout(Duration::from_secs(30), running).await.expect("shutdown finishes").unwrap();
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("shutdown finishes")
+        .unwrap();
 
     let mut done = SLOW_EFFECTS.lock().unwrap().clone();
     done.sort();
-    assert_eq!(done, ["k0", "k1", "k2", "k3"], "every in-flight message finished");
+    assert_eq!(
+        done,
+        ["k0", "k1", "k2", "k3"],
+        "every in-flight message finished"
+    );
     let ev = broker.events();
     for i in 0..4 {
-        assert!(ev.contains(&BrokerEvent::Acked { id: format!("m{i}") }), "m{i} acked: {ev:?}");
+        assert!(
+            ev.contains(&BrokerEvent::Acked {
+                id: format!("m{i}")
+            }),
+            "m{i} acked: {ev:?}"
+        );
     }
-    assert!(!ev.iter().any(|e| matches!(e, BrokerEvent::Delivered { id, .. } if id == "late")));
+    assert!(
+        !ev.iter()
+            .any(|e| matches!(e, BrokerEvent::Delivered { id, .. } if id == "late"))
+    );
 }
 
 #[idempotent(topic = "stuck", key = "order_id", store = "sqlite", name = "sd-stuck")]
@@ -105,13 +120,23 @@ async fn shutdown_timeout_hands_unfinished_messages_back() {
     let stop = CancellationToken::new();
     let run = rt.run(stop.clone());
     let trigger = async {
-        tokio::time::timeout(Duration::from_secs(30), STARTED_STUCK.notified()).await.expect("handler starts");
+        tokio::time::timeout(Duration::from_secs(30), STARTED_STUCK.notified())
+            .await
+            .expect("handler starts");
         stop.cancel();
     };
-    tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(run, trigger) }).await.expect("shutdown ends");
+    tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(run, trigger)
+    })
+    .await
+    .expect("shutdown ends");
 
     let ev = broker.events();
-    assert_eq!(ev.last(), Some(&BrokerEvent::Nacked { id: "m1".into() }), "handed back: {ev:?}");
+    assert_eq!(
+        ev.last(),
+        Some(&BrokerEvent::Nacked { id: "m1".into() }),
+        "handed back: {ev:?}"
+    );
     assert!(!broker.is_idle(), "the message waits for the next consumer");
     // The aborted handler's transaction never committed.
     assert!(effect_counts(&store, "sd-stuck").await.is_empty());

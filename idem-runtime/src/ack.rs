@@ -61,7 +61,7 @@ const NACKED: u8 = 2;
 /// to have the transaction rolled back and the message redelivered.
 ///
 /// ```
-/// let ack = idem::Ack::detached();
+/// let ack = idem_runtime::Ack::detached();
 /// ack.ack();
 /// // ack.ack(); // does not compile: the token was moved
 /// ```
@@ -74,7 +74,12 @@ pub struct Ack {
 impl Ack {
     pub(crate) fn new() -> (Ack, AckProbe) {
         let slot = Arc::new(AtomicU8::new(UNDECIDED));
-        (Ack { slot: Some(slot.clone()) }, AckProbe(Some(slot)))
+        (
+            Ack {
+                slot: Some(slot.clone()),
+            },
+            AckProbe(Some(slot)),
+        )
     }
 
     /// A token not tied to any delivery, for calling a handler in a unit test.

@@ -61,13 +61,20 @@ struct AckGroup {
 
 impl<Sub: Subscription> Ctx<Sub> {
     fn forget(&self, seq: u64) {
-        self.unsettled.lock().unwrap_or_else(|e| e.into_inner()).remove(&seq);
+        self.unsettled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&seq);
     }
 
     async fn ack(&self, seq: u64, d: &Delivery, group: Option<&AckGroup>) {
         self.forget(seq);
         if let Some(group) = group {
-            group.acks.lock().unwrap_or_else(|e| e.into_inner()).push(d.clone());
+            group
+                .acks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(d.clone());
             return;
         }
         if let Err(e) = self.sub.ack(d).await {
@@ -86,7 +93,11 @@ impl<Sub: Subscription> Ctx<Sub> {
         self.forget(seq);
         HandlerMetrics::inc(&self.metrics.dead_lettered);
         tracing::error!(handler = self.meta.name, message_id = %d.id, reason = %reason, attempts, "dead-lettered");
-        let letter = DeadLetter { reason, attempts, handler: self.meta.name.to_owned() };
+        let letter = DeadLetter {
+            reason,
+            attempts,
+            handler: self.meta.name.to_owned(),
+        };
         if let Err(e) = self.sub.dead_letter(d, &letter).await {
             // Not settled: the broker redelivers it and it is dead-lettered again.
             tracing::error!(error = %e, "dead-letter publish failed; the message stays unacked and comes back");
@@ -103,7 +114,13 @@ impl<Sub: Subscription> Ctx<Sub> {
 
     /// Takes one delivery to a settled state, starting from `first` if the
     /// first attempt already ran (batch mode).
-    async fn drive(&self, seq: u64, d: &Delivery, group: Option<&AckGroup>, mut first: Option<Outcome>) {
+    async fn drive(
+        &self,
+        seq: u64,
+        d: &Delivery,
+        group: Option<&AckGroup>,
+        mut first: Option<Outcome>,
+    ) {
         let meta = self.meta;
         let mut attempt = d.attempt;
         let mut store_failures = 0u32;
@@ -124,7 +141,9 @@ impl<Sub: Subscription> Ctx<Sub> {
                 }
                 Outcome::Duplicate => {
                     HandlerMetrics::inc(&self.metrics.duplicate);
-                    tracing::debug!("duplicate: already processed, acked without running the handler");
+                    tracing::debug!(
+                        "duplicate: already processed, acked without running the handler"
+                    );
                     if meta.ack != AckMode::Before {
                         self.ack(seq, d, group).await;
                     }
@@ -169,7 +188,9 @@ impl<Sub: Subscription> Ctx<Sub> {
                 Outcome::StoreDown(error) => {
                     store_failures += 1;
                     tracing::warn!(error = %error, "dedup store unavailable: handler not run, message not acked; backing off");
-                    if meta.ack != AckMode::Before && self.pause(self.store_backoff.delay(store_failures)).await {
+                    if meta.ack != AckMode::Before
+                        && self.pause(self.store_backoff.delay(store_failures)).await
+                    {
                         continue;
                     }
                     if meta.ack != AckMode::Before {
@@ -194,7 +215,9 @@ impl<Sub: Subscription> Ctx<Sub> {
     async fn run_job(&self, job: Job) {
         HandlerMetrics::inc(&self.metrics.in_flight);
         let span = self.span(&job.delivery);
-        self.drive(job.seq, &job.delivery, job.group.as_deref(), None).instrument(span).await;
+        self.drive(job.seq, &job.delivery, job.group.as_deref(), None)
+            .instrument(span)
+            .await;
         HandlerMetrics::dec(&self.metrics.in_flight);
         if let Some(group) = &job.group {
             self.finish_group_member(group).await;
@@ -217,10 +240,18 @@ impl<Sub: Subscription> Ctx<Sub> {
         let deliveries: Vec<Delivery> = jobs.iter().map(|j| j.delivery.clone()).collect();
         let n = deliveries.len() as u64;
         self.metrics.in_flight.fetch_add(n, Ordering::Relaxed);
-        let span = tracing::info_span!("idem.batch", handler = self.meta.name, size = deliveries.len());
+        let span = tracing::info_span!(
+            "idem.batch",
+            handler = self.meta.name,
+            size = deliveries.len()
+        );
         let mut store_failures = 0u32;
         let outcomes = loop {
-            let outcomes = self.handler.process_batch(&deliveries).instrument(span.clone()).await;
+            let outcomes = self
+                .handler
+                .process_batch(&deliveries)
+                .instrument(span.clone())
+                .await;
             let down = outcomes.iter().find_map(|o| match o {
                 Outcome::StoreDown(e) => Some(e.clone()),
                 _ => None,
@@ -262,7 +293,9 @@ impl<Sub: Subscription> Ctx<Sub> {
         // their neighbours are already committed and acked.
         for (job, outcome) in rest {
             let item_span = self.span(&job.delivery);
-            self.drive(job.seq, &job.delivery, None, Some(outcome)).instrument(item_span).await;
+            self.drive(job.seq, &job.delivery, None, Some(outcome))
+                .instrument(item_span)
+                .await;
         }
         self.metrics.in_flight.fetch_sub(n, Ordering::Relaxed);
     }
@@ -355,16 +388,27 @@ pub(crate) async fn consume<Sub: Subscription>(
                 }
             }
         }
-        let group = (meta.ack == AckMode::Manual)
-            .then(|| Arc::new(AckGroup { remaining: AtomicUsize::new(n), acks: Mutex::new(Vec::with_capacity(n)) }));
+        let group = (meta.ack == AckMode::Manual).then(|| {
+            Arc::new(AckGroup {
+                remaining: AtomicUsize::new(n),
+                acks: Mutex::new(Vec::with_capacity(n)),
+            })
+        });
         let mut jobs = Vec::with_capacity(n);
         {
             let mut unsettled = ctx.unsettled.lock().unwrap_or_else(|e| e.into_inner());
             for delivery in deliveries {
                 let seq = ctx.next_seq.fetch_add(1, Ordering::Relaxed);
                 unsettled.insert(seq, delivery.clone());
-                let _permit = permit.split(1).unwrap_or_else(|| unreachable!("one permit per delivery"));
-                jobs.push(Job { seq, delivery, group: group.clone(), _permit });
+                let _permit = permit
+                    .split(1)
+                    .unwrap_or_else(|| unreachable!("one permit per delivery"));
+                jobs.push(Job {
+                    seq,
+                    delivery,
+                    group: group.clone(),
+                    _permit,
+                });
             }
         }
         if meta.ack == AckMode::Batch {
@@ -405,8 +449,13 @@ pub(crate) async fn consume<Sub: Subscription>(
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
-    let left: Vec<Delivery> =
-        ctx.unsettled.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, d)| d).collect();
+    let left: Vec<Delivery> = ctx
+        .unsettled
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .drain()
+        .map(|(_, d)| d)
+        .collect();
     for d in &left {
         if let Err(e) = ctx.sub.nack(d, Duration::ZERO).await {
             tracing::warn!(error = %e, "could not hand a message back; the broker redelivers it on its own timeout");

@@ -38,14 +38,18 @@ impl Delivery {
     /// key, first attempt. Sources fill in the rest with the `with_*` methods.
     ///
     /// ```
-    /// use idem::Delivery;
+    /// use idem_runtime::Delivery;
     /// let d = Delivery::new("m-1", "orders", br#"{"order_id":7}"#.to_vec())
     ///     .with_header("Idempotency-Key", "abc")
     ///     .with_ordering_key("customer-9");
     /// assert_eq!(d.header("idempotency-key"), Some(&b"abc"[..]));
     /// assert_eq!(d.attempt, 1);
     /// ```
-    pub fn new(id: impl Into<Arc<str>>, topic: impl Into<Arc<str>>, payload: impl Into<Arc<[u8]>>) -> Self {
+    pub fn new(
+        id: impl Into<Arc<str>>,
+        topic: impl Into<Arc<str>>,
+        payload: impl Into<Arc<[u8]>>,
+    ) -> Self {
         Delivery {
             id: id.into(),
             topic: topic.into(),
@@ -58,7 +62,7 @@ impl Delivery {
     }
 
     /// Adds a header.
-    pub fn with_header(mut self, name: impl Into<Arc<str>>, value: impl Into<Arc<[u8]>>) -> Self {
+    pub fn with_header(mut self, name: impl Into<Arc<str>>, value: impl AsRef<[u8]>) -> Self {
         self.headers.insert(name, value);
         self
     }
@@ -108,10 +112,14 @@ pub struct Headers(Vec<(Arc<str>, Arc<[u8]>)>);
 
 impl Headers {
     /// Adds or replaces a header.
-    pub fn insert(&mut self, name: impl Into<Arc<str>>, value: impl Into<Arc<[u8]>>) {
+    pub fn insert(&mut self, name: impl Into<Arc<str>>, value: impl AsRef<[u8]>) {
         let name = name.into();
-        let value = value.into();
-        match self.0.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(&name)) {
+        let value: Arc<[u8]> = value.as_ref().into();
+        match self
+            .0
+            .iter_mut()
+            .find(|(n, _)| n.eq_ignore_ascii_case(&name))
+        {
             Some(slot) => slot.1 = value,
             None => self.0.push((name, value)),
         }
@@ -119,7 +127,10 @@ impl Headers {
 
     /// The value of a header, by case-insensitive name.
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.0.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| &**v)
+        self.0
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| &**v)
     }
 
     /// All headers, in insertion order.

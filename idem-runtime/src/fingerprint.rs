@@ -21,7 +21,7 @@ impl Fingerprint {
     /// The fingerprint of raw bytes (the default: the whole payload).
     ///
     /// ```
-    /// use idem::Fingerprint;
+    /// use idem_runtime::Fingerprint;
     /// assert_eq!(Fingerprint::of_bytes(b"a"), Fingerprint::of_bytes(b"a"));
     /// assert_ne!(Fingerprint::of_bytes(b"a"), Fingerprint::of_bytes(b"b"));
     /// ```

@@ -51,7 +51,7 @@ impl Backoff {
     ///
     /// ```
     /// use std::time::Duration;
-    /// let b = idem::Backoff { min: Duration::from_millis(100), max: Duration::from_secs(1) };
+    /// let b = idem_runtime::Backoff { min: Duration::from_millis(100), max: Duration::from_secs(1) };
     /// let d = b.delay(3);
     /// assert!(d >= Duration::from_millis(200) && d <= Duration::from_millis(400));
     /// assert!(b.delay(30) <= Duration::from_secs(1));
@@ -184,7 +184,10 @@ pub struct HandlerDescriptor {
 impl HandlerDescriptor {
     /// The descriptor of handler `H` (used by generated code).
     pub const fn of<H: HandlerFn + Default>() -> Self {
-        HandlerDescriptor { meta: H::META, bind: crate::process::bind::<H> }
+        HandlerDescriptor {
+            meta: H::META,
+            bind: crate::process::bind::<H>,
+        }
     }
 }
 

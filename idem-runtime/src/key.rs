@@ -23,7 +23,7 @@ impl Key {
     /// identity, and two messages "without key" must never share a record.
     ///
     /// ```
-    /// use idem::Key;
+    /// use idem_runtime::Key;
     /// assert_eq!(Key::new("order-7").unwrap().as_str(), "order-7");
     /// assert!(Key::new("").is_err());
     /// ```
@@ -53,7 +53,10 @@ impl Key {
     /// Checks the key against a maximum length in bytes.
     pub fn check_len(self, max: usize) -> Result<Key, KeyError> {
         if self.0.len() > max {
-            return Err(KeyError::TooLong { len: self.0.len(), max });
+            return Err(KeyError::TooLong {
+                len: self.0.len(),
+                max,
+            });
         }
         Ok(self)
     }
@@ -96,7 +99,9 @@ impl fmt::Debug for Key {
 #[non_exhaustive]
 pub enum KeyError {
     /// The field, header or id that holds the key is absent (`None`, no such header).
-    #[error("missing key: {what} is absent; the producer must set it (or choose another `key = …`)")]
+    #[error(
+        "missing key: {what} is absent; the producer must set it (or choose another `key = …`)"
+    )]
     Missing {
         /// What was looked for, e.g. `field customer.id` or `header Idempotency-Key`.
         what: String,
@@ -108,7 +113,9 @@ pub enum KeyError {
         what: String,
     },
     /// The key is longer than the handler's maximum.
-    #[error("key too long: {len} bytes, the maximum is {max}; use a shorter business key or raise the limit")]
+    #[error(
+        "key too long: {len} bytes, the maximum is {max}; use a shorter business key or raise the limit"
+    )]
     TooLong {
         /// Its length in bytes.
         len: usize,
@@ -133,7 +140,7 @@ pub enum KeyError {
 /// extractor too.
 ///
 /// ```
-/// use idem::{Delivery, Key, KeyError, KeyExtractor};
+/// use idem_runtime::{Delivery, Key, KeyError, KeyExtractor};
 ///
 /// struct TenantAndOrder;
 /// struct Order { tenant: String, id: u64 }
@@ -194,7 +201,9 @@ pub struct MessageId;
 impl<P> KeyExtractor<P> for MessageId {
     fn extract(&self, delivery: &Delivery, _payload: &P) -> Result<Key, KeyError> {
         if delivery.id.is_empty() {
-            return Err(KeyError::Empty { what: "the message id".into() });
+            return Err(KeyError::Empty {
+                what: "the message id".into(),
+            });
         }
         Ok(Key(delivery.id.to_string()))
     }
@@ -207,7 +216,9 @@ pub struct Header(pub &'static str);
 impl<P> KeyExtractor<P> for Header {
     fn extract(&self, delivery: &Delivery, _payload: &P) -> Result<Key, KeyError> {
         let what = || format!("header {}", self.0);
-        let raw = delivery.header(self.0).ok_or_else(|| KeyError::Missing { what: what() })?;
+        let raw = delivery
+            .header(self.0)
+            .ok_or_else(|| KeyError::Missing { what: what() })?;
         let text = std::str::from_utf8(raw).map_err(|_| KeyError::NotUtf8 { what: what() })?;
         if text.is_empty() {
             return Err(KeyError::Empty { what: what() });
@@ -235,7 +246,9 @@ where
             what: format!("field {}", self.name),
         })?;
         if out.is_empty() {
-            return Err(KeyError::Empty { what: format!("field {}", self.name) });
+            return Err(KeyError::Empty {
+                what: format!("field {}", self.name),
+            });
         }
         Ok(Key(out))
     }
@@ -298,7 +311,9 @@ macro_rules! int_key_parts {
         }
     )*};
 }
-int_key_parts!(u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize);
+int_key_parts!(
+    u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize
+);
 
 /// A key field that may be absent: every [`KeyPart`], plus `Option<T>`.
 /// Used only when the handler says what to do with a missing key.
@@ -366,6 +381,9 @@ mod tests {
     #[test]
     fn too_long_keys_are_rejected() {
         let k = Key::new("x".repeat(10)).unwrap();
-        assert!(matches!(k.check_len(4), Err(KeyError::TooLong { len: 10, max: 4 })));
+        assert!(matches!(
+            k.check_len(4),
+            Err(KeyError::TooLong { len: 10, max: 4 })
+        ));
     }
 }

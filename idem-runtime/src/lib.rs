@@ -18,14 +18,16 @@ pub mod store;
 pub use ack::{Ack, AckMode};
 pub use delivery::{Delivery, Headers, Receipt};
 pub use fingerprint::{Fingerprint, Fingerprinter};
-pub use handler::{Backoff, HandlerFn, HandlerMeta, HandlerResult, OnInProgress, OnMissingKey, Payload};
+pub use handler::{
+    Backoff, HandlerFn, HandlerMeta, HandlerResult, OnInProgress, OnMissingKey, Payload,
+};
 pub use key::{Key, KeyError, KeyExtractor};
 pub use metrics::Stats;
 pub use runtime::{BuildError, Registry, Runtime, RuntimeBuilder, Stores};
 pub use source::{DeadLetter, Source, SourceError, Subscription};
-pub use store::{DedupStore, NoStore, NoTx, StoreError, TransactionalStore};
 #[cfg(feature = "sqlite")]
 pub use store::sql::Tx;
+pub use store::{DedupStore, NoStore, NoTx, StoreError, TransactionalStore};
 pub use tokio_util::sync::CancellationToken;
 
 /// What generated code refers to. Not a public API: it changes without notice.

@@ -61,12 +61,19 @@ pub(crate) fn bind<H: HandlerFn + Default>(
     meta: &'static HandlerMeta,
     stores: &Stores,
 ) -> Result<Arc<dyn ErasedHandler>, BuildError> {
-    let store = stores.get::<H::Store>().ok_or_else(|| BuildError::MissingStore {
-        handler: meta.name.to_owned(),
-        store: meta.store.to_owned(),
-        store_type: std::any::type_name::<H::Store>(),
-    })?;
-    Ok(Arc::new(Bound { handler: H::default(), meta, store, metrics: Arc::default() }))
+    let store = stores
+        .get::<H::Store>()
+        .ok_or_else(|| BuildError::MissingStore {
+            handler: meta.name.to_owned(),
+            store: meta.store.to_owned(),
+            store_type: std::any::type_name::<H::Store>(),
+        })?;
+    Ok(Arc::new(Bound {
+        handler: H::default(),
+        meta,
+        store,
+        metrics: Arc::default(),
+    }))
 }
 
 /// A decoded message with its key, ready to claim.
@@ -102,7 +109,11 @@ impl<H: HandlerFn> Bound<H> {
             })?;
         tracing::Span::current().record("key", key.as_str());
         let fingerprint = self.handler.fingerprint(d, &payload);
-        Ok(Prepared { payload, key, fingerprint })
+        Ok(Prepared {
+            payload,
+            key,
+            fingerprint,
+        })
     }
 
     fn not_new(&self, claim: Claim, key: &Key, fingerprint: Fingerprint) -> Outcome {
@@ -139,7 +150,11 @@ impl<H: HandlerFn> Bound<H> {
             Ok(tx) => tx,
             Err(e) => return Outcome::StoreDown(e.to_string()),
         };
-        let Prepared { payload, key, fingerprint } = prepared;
+        let Prepared {
+            payload,
+            key,
+            fingerprint,
+        } = prepared;
         let request = ClaimRequest {
             handler: self.meta.name,
             key: &key,
@@ -152,7 +167,9 @@ impl<H: HandlerFn> Bound<H> {
             Ok(mut c) if c.len() == 1 => c.remove(0),
             Ok(c) => {
                 let _ = store.rollback(tx, &[]).await;
-                return Outcome::StoreDown(claim_count_mismatch(store.kind(), c.len(), 1).to_string());
+                return Outcome::StoreDown(
+                    claim_count_mismatch(store.kind(), c.len(), 1).to_string(),
+                );
             }
             Err(e) => {
                 let _ = store.rollback(tx, &[]).await;
@@ -166,9 +183,19 @@ impl<H: HandlerFn> Bound<H> {
                 return self.not_new(other, &key, fingerprint);
             }
         };
-        let mut claimed = Claimed { request: &request, token, result: None };
-        let (ack, probe) = if self.meta.ack.is_manual() { Ack::new() } else { (Ack::detached(), AckProbe::automatic()) };
-        let run = AssertUnwindSafe(self.handler.call(payload, &mut tx, d, ack)).catch_unwind().await;
+        let mut claimed = Claimed {
+            request: &request,
+            token,
+            result: None,
+        };
+        let (ack, probe) = if self.meta.ack.is_manual() {
+            Ack::new()
+        } else {
+            (Ack::detached(), AckProbe::automatic())
+        };
+        let run = AssertUnwindSafe(self.handler.call(payload, &mut tx, d, ack))
+            .catch_unwind()
+            .await;
         let failure = match run {
             Ok(result) => match result.into_result() {
                 Ok(output) => match probe.decision() {
@@ -223,7 +250,10 @@ impl<H: HandlerFn> Bound<H> {
                 Ok(output) => (true, self.result_json(&output)),
                 Err(e) => (false, Some(format!("handler error: {e}"))),
             },
-            Err(panic) => (false, Some(format!("handler panicked: {}", panic_message(&*panic)))),
+            Err(panic) => (
+                false,
+                Some(format!("handler panicked: {}", panic_message(&*panic))),
+            ),
         };
         store.end_nested(nested, ok).await?;
         Ok((ok, detail))
@@ -246,11 +276,17 @@ impl<H: HandlerFn> Bound<H> {
         }
         let idx: Vec<usize> = (0..ds.len()).filter(|i| prepared[*i].is_some()).collect();
         if idx.is_empty() {
-            return outcomes.into_iter().map(|o| o.expect("every item has an outcome")).collect();
+            return outcomes
+                .into_iter()
+                .map(|o| o.expect("every item has an outcome"))
+                .collect();
         }
         let store = &*self.store;
         let store_down = |e: &StoreError, outcomes: Vec<Option<Outcome>>| -> Vec<Outcome> {
-            outcomes.into_iter().map(|o| o.unwrap_or_else(|| Outcome::StoreDown(e.to_string()))).collect()
+            outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or_else(|| Outcome::StoreDown(e.to_string())))
+                .collect()
         };
         let mut tx = match store.begin().await {
             Ok(tx) => tx,
@@ -261,7 +297,11 @@ impl<H: HandlerFn> Bound<H> {
         let mut keys = Vec::with_capacity(ds.len());
         for p in prepared.iter_mut() {
             match p.take() {
-                Some(Prepared { payload, key, fingerprint }) => {
+                Some(Prepared {
+                    payload,
+                    key,
+                    fingerprint,
+                }) => {
                     payloads.push(Some(payload));
                     keys.push(Some((key, fingerprint)));
                 }
@@ -304,12 +344,15 @@ impl<H: HandlerFn> Bound<H> {
             let token = match claim {
                 Claim::New { token } => token,
                 other => {
-                    outcomes[i] = Some(self.not_new(other, requests[r].key, requests[r].fingerprint));
+                    outcomes[i] =
+                        Some(self.not_new(other, requests[r].key, requests[r].fingerprint));
                     continue;
                 }
             };
             let payload = payloads[i].take().expect("payload of a prepared item");
-            let item = self.run_item(&mut tx, payload, &ds[i], requests[r].key).await;
+            let item = self
+                .run_item(&mut tx, payload, &ds[i], requests[r].key)
+                .await;
             let (ok, detail) = match item {
                 Ok(v) => v,
                 Err(e) => {
@@ -324,8 +367,14 @@ impl<H: HandlerFn> Bound<H> {
                 failed.push((r, token));
             }
         }
-        let failed_claims: Vec<Claimed<'_>> =
-            failed.iter().map(|&(r, token)| Claimed { request: &requests[r], token, result: None }).collect();
+        let failed_claims: Vec<Claimed<'_>> = failed
+            .iter()
+            .map(|&(r, token)| Claimed {
+                request: &requests[r],
+                token,
+                result: None,
+            })
+            .collect();
         if !failed_claims.is_empty() {
             let unclaimed = store.unclaim(&mut tx, &failed_claims).await;
             if let Err(e) = unclaimed {
@@ -335,14 +384,21 @@ impl<H: HandlerFn> Bound<H> {
         }
         let done: Vec<Claimed<'_>> = done_results
             .iter()
-            .map(|(r, token, result)| Claimed { request: &requests[*r], token: *token, result: result.as_deref() })
+            .map(|(r, token, result)| Claimed {
+                request: &requests[*r],
+                token: *token,
+                result: result.as_deref(),
+            })
             .collect();
         match store.commit(tx, &done).await {
             Ok(()) => {
                 for (r, _, _) in &done_results {
                     outcomes[idx[*r]] = Some(Outcome::Processed);
                 }
-                outcomes.into_iter().map(|o| o.expect("every item has an outcome")).collect()
+                outcomes
+                    .into_iter()
+                    .map(|o| o.expect("every item has an outcome"))
+                    .collect()
             }
             Err(e) => {
                 // Nothing of the batch is known to be durable: undo the
@@ -357,7 +413,12 @@ impl<H: HandlerFn> Bound<H> {
 }
 
 fn claim_count_mismatch(store: &'static str, got: usize, want: usize) -> StoreError {
-    StoreError::Config { store, message: format!("claim returned {got} results for {want} keys: the store violates the DedupStore contract") }
+    StoreError::Config {
+        store,
+        message: format!(
+            "claim returned {got} results for {want} keys: the store violates the DedupStore contract"
+        ),
+    }
 }
 
 impl<H: HandlerFn> ErasedHandler for Bound<H> {

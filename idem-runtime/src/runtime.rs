@@ -18,7 +18,8 @@ use crate::process::ErasedHandler;
 use crate::source::{Source, SubscribeSpec};
 use crate::store::{DedupStore, NoStore};
 
-pub(crate) type BindFn = fn(&'static HandlerMeta, &Stores) -> Result<Arc<dyn ErasedHandler>, BuildError>;
+pub(crate) type BindFn =
+    fn(&'static HandlerMeta, &Stores) -> Result<Arc<dyn ErasedHandler>, BuildError>;
 
 /// The dedup stores handlers can use, one per store type.
 #[derive(Default)]
@@ -33,16 +34,25 @@ impl Stores {
     }
 
     pub(crate) fn get<S: DedupStore>(&self) -> Option<Arc<S>> {
-        if TypeId::of::<S>() == TypeId::of::<NoStore>() && !self.map.contains_key(&TypeId::of::<S>()) {
-            return (Arc::new(NoStore) as Arc<dyn Any + Send + Sync>).downcast().ok();
+        if TypeId::of::<S>() == TypeId::of::<NoStore>()
+            && !self.map.contains_key(&TypeId::of::<S>())
+        {
+            return (Arc::new(NoStore) as Arc<dyn Any + Send + Sync>)
+                .downcast()
+                .ok();
         }
-        self.map.get(&TypeId::of::<S>()).cloned().and_then(|s| s.downcast().ok())
+        self.map
+            .get(&TypeId::of::<S>())
+            .cloned()
+            .and_then(|s| s.downcast().ok())
     }
 }
 
 impl fmt::Debug for Stores {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Stores").field("count", &self.map.len()).finish()
+        f.debug_struct("Stores")
+            .field("count", &self.map.len())
+            .finish()
     }
 }
 
@@ -83,14 +93,16 @@ pub enum BuildError {
         known: String,
     },
     /// There is nothing to run.
-    #[error("no handlers to run: annotate an async fn with #[idem::idempotent(topic = \"…\", …)] in a crate that is linked into this binary")]
+    #[error(
+        "no handlers to run: annotate an async fn with #[idem::idempotent(topic = \"…\", …)] in a crate that is linked into this binary"
+    )]
     NoHandlers,
 }
 
 /// Every handler annotated with `#[idempotent]` in this binary.
 ///
 /// ```
-/// let registry = idem::Registry::from_inventory().unwrap();
+/// let registry = idem_runtime::Registry::from_inventory().unwrap();
 /// println!("{registry}"); // a table: name, topic, key, store, ack
 /// ```
 #[derive(Debug, Clone)]
@@ -101,7 +113,8 @@ pub struct Registry {
 impl Registry {
     /// Collects the handlers; rejects two with the same name.
     pub fn from_inventory() -> Result<Registry, BuildError> {
-        let mut handlers: Vec<&'static HandlerDescriptor> = inventory::iter::<HandlerDescriptor>.into_iter().collect();
+        let mut handlers: Vec<&'static HandlerDescriptor> =
+            inventory::iter::<HandlerDescriptor>.into_iter().collect();
         handlers.sort_by_key(|h| (h.meta.name, h.meta.path));
         for pair in handlers.windows(2) {
             if pair[0].meta.name == pair[1].meta.name {
@@ -122,11 +135,18 @@ impl Registry {
 
     /// One handler's settings.
     pub fn get(&self, name: &str) -> Option<&'static HandlerMeta> {
-        self.handlers.iter().find(|h| h.meta.name == name).map(|h| &h.meta)
+        self.handlers
+            .iter()
+            .find(|h| h.meta.name == name)
+            .map(|h| &h.meta)
     }
 
     fn names(&self) -> String {
-        self.handlers.iter().map(|h| h.meta.name).collect::<Vec<_>>().join(", ")
+        self.handlers
+            .iter()
+            .map(|h| h.meta.name)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -144,7 +164,11 @@ impl fmt::Display for Registry {
             }
         }
         for r in std::iter::once(&header).chain(&rows) {
-            let line: Vec<String> = r.iter().zip(width).map(|(c, w)| format!("{c:<w$}")).collect();
+            let line: Vec<String> = r
+                .iter()
+                .zip(width)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
             writeln!(f, "{}", line.join("  ").trim_end())?;
         }
         Ok(())
@@ -204,9 +228,15 @@ impl<S: Source> RuntimeBuilder<S> {
             Some(names) => names
                 .iter()
                 .map(|n| {
-                    registry.handlers.iter().copied().find(|h| h.meta.name == n).ok_or_else(|| {
-                        BuildError::UnknownHandler { name: n.clone(), known: registry.names() }
-                    })
+                    registry
+                        .handlers
+                        .iter()
+                        .copied()
+                        .find(|h| h.meta.name == n)
+                        .ok_or_else(|| BuildError::UnknownHandler {
+                            name: n.clone(),
+                            known: registry.names(),
+                        })
                 })
                 .collect::<Result<_, _>>()?,
         };
@@ -223,7 +253,11 @@ impl<S: Source> RuntimeBuilder<S> {
             }
             handlers.push((desc.bind)(&desc.meta, &self.stores)?);
         }
-        Ok(Runtime { source: Arc::new(self.source), handlers, cfg: self.cfg })
+        Ok(Runtime {
+            source: Arc::new(self.source),
+            handlers,
+            cfg: self.cfg,
+        })
     }
 }
 
@@ -231,9 +265,9 @@ impl<S: Source> RuntimeBuilder<S> {
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// use idem::source::memory::MemoryBroker;
+/// use idem_runtime::source::memory::MemoryBroker;
 /// // No handler in this doctest binary: building reports it.
-/// let err = idem::Runtime::builder(MemoryBroker::new()).build().unwrap_err();
+/// let err = idem_runtime::Runtime::builder(MemoryBroker::new()).build().unwrap_err();
 /// assert!(err.to_string().contains("no handlers"));
 /// # }
 /// ```
@@ -246,7 +280,14 @@ pub struct Runtime<S> {
 impl<S> fmt::Debug for Runtime<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Runtime")
-            .field("handlers", &self.handlers.iter().map(|h| h.meta().name).collect::<Vec<_>>())
+            .field(
+                "handlers",
+                &self
+                    .handlers
+                    .iter()
+                    .map(|h| h.meta().name)
+                    .collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -261,7 +302,10 @@ impl Runtime<()> {
             cfg: LoopConfig {
                 concurrency: 16,
                 shutdown_timeout: Duration::from_secs(30),
-                store_backoff: Backoff { min: Duration::from_millis(50), max: Duration::from_secs(5) },
+                store_backoff: Backoff {
+                    min: Duration::from_millis(50),
+                    max: Duration::from_secs(5),
+                },
             },
         }
     }
@@ -270,12 +314,18 @@ impl Runtime<()> {
 impl<S: Source> Runtime<S> {
     /// Counters of every handler, by name.
     pub fn stats(&self) -> Vec<(&'static str, Stats)> {
-        self.handlers.iter().map(|h| (h.meta().name, h.metrics().snapshot())).collect()
+        self.handlers
+            .iter()
+            .map(|h| (h.meta().name, h.metrics().snapshot()))
+            .collect()
     }
 
     /// Counters of one handler.
     pub fn stats_of(&self, name: &str) -> Option<Stats> {
-        self.handlers.iter().find(|h| h.meta().name == name).map(|h| h.metrics().snapshot())
+        self.handlers
+            .iter()
+            .find(|h| h.meta().name == name)
+            .map(|h| h.metrics().snapshot())
     }
 
     /// Runs until `stop` is cancelled, then shuts down gracefully.

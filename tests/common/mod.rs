@@ -11,24 +11,33 @@ use idem::{CancellationToken, Runtime, Source};
 /// A private in-memory SQLite database with the dedup table and an
 /// `effects` table (one row per applied effect).
 pub async fn sqlite() -> SqliteStore {
-    let store = SqliteStore::open("sqlite::memory:").await.expect("open sqlite");
-    store.migrate().await.expect("migrate");
-    sqlx::query("CREATE TABLE effects (handler TEXT NOT NULL, key TEXT NOT NULL, seq INTEGER NOT NULL)")
-        .execute(store.pool())
+    let store = SqliteStore::open("sqlite::memory:")
         .await
-        .expect("create effects");
+        .expect("open sqlite");
+    store.migrate().await.expect("migrate");
+    sqlx::query(
+        "CREATE TABLE effects (handler TEXT NOT NULL, key TEXT NOT NULL, seq INTEGER NOT NULL)",
+    )
+    .execute(store.pool())
+    .await
+    .expect("create effects");
     store
 }
 
 /// Effect rows per key of one handler.
-pub async fn effect_counts(store: &SqliteStore, handler: &str) -> std::collections::BTreeMap<String, i64> {
-    sqlx::query_as::<_, (String, i64)>("SELECT key, COUNT(*) FROM effects WHERE handler = ? GROUP BY key")
-        .bind(handler)
-        .fetch_all(store.pool())
-        .await
-        .expect("count effects")
-        .into_iter()
-        .collect()
+pub async fn effect_counts(
+    store: &SqliteStore,
+    handler: &str,
+) -> std::collections::BTreeMap<String, i64> {
+    sqlx::query_as::<_, (String, i64)>(
+        "SELECT key, COUNT(*) FROM effects WHERE handler = ? GROUP BY key",
+    )
+    .bind(handler)
+    .fetch_all(store.pool())
+    .await
+    .expect("count effects")
+    .into_iter()
+    .collect()
 }
 
 /// Dedup rows of one handler.

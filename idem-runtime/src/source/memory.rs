@@ -38,7 +38,13 @@ pub struct Faults {
 
 impl Default for Faults {
     fn default() -> Self {
-        Faults { duplicate: 0.0, lose_ack: 0.0, max_lost_acks_per_message: 2, reorder: false, seed: 0 }
+        Faults {
+            duplicate: 0.0,
+            lose_ack: 0.0,
+            max_lost_acks_per_message: 2,
+            reorder: false,
+            seed: 0,
+        }
     }
 }
 
@@ -102,7 +108,10 @@ pub struct Message {
 impl Message {
     /// A message with this payload.
     pub fn new(payload: impl Into<Vec<u8>>) -> Self {
-        Message { payload: payload.into(), ..Default::default() }
+        Message {
+            payload: payload.into(),
+            ..Default::default()
+        }
     }
     /// Sets the message id.
     pub fn id(mut self, id: impl Into<String>) -> Self {
@@ -134,8 +143,8 @@ pub struct DeadLetterRecord {
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// use idem::source::memory::{MemoryBroker, Message};
-/// use idem::source::{Source, Subscription, SubscribeSpec};
+/// use idem_runtime::source::memory::{MemoryBroker, Message};
+/// use idem_runtime::source::{Source, Subscription, SubscribeSpec};
 ///
 /// let broker = MemoryBroker::new();
 /// broker.publish("orders", Message::new(r#"{"order_id":1}"#).id("m-1"));
@@ -200,7 +209,10 @@ struct Group {
 
 impl Group {
     fn is_idle(&self, log_len: usize) -> bool {
-        self.cursor == log_len && self.ready.is_empty() && self.delayed.is_empty() && self.in_flight.is_empty()
+        self.cursor == log_len
+            && self.ready.is_empty()
+            && self.delayed.is_empty()
+            && self.in_flight.is_empty()
     }
 }
 
@@ -266,9 +278,17 @@ impl MemoryBroker {
             headers,
             ordering_key: message.ordering_key.map(Into::into),
         });
-        let copies = if st.faults.duplicate > 0.0 && st.rng.f64() < st.faults.duplicate { 2 } else { 1 };
+        let copies = if st.faults.duplicate > 0.0 && st.rng.f64() < st.faults.duplicate {
+            2
+        } else {
+            1
+        };
         for _ in 0..copies {
-            st.topics.entry(topic.to_owned()).or_default().log.push(stored.clone());
+            st.topics
+                .entry(topic.to_owned())
+                .or_default()
+                .log
+                .push(stored.clone());
             st.events.push(BrokerEvent::Published { id: id.clone() });
         }
         drop(st);
@@ -311,16 +331,21 @@ impl MemoryBroker {
     /// The dead letters of a destination (`<topic>.dlq` unless the handler
     /// named another).
     pub fn dead_letters(&self, destination: &str) -> Vec<DeadLetterRecord> {
-        self.lock().dead_letters.get(destination).cloned().unwrap_or_default()
+        self.lock()
+            .dead_letters
+            .get(destination)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Whether every published message has been settled by every group and
     /// nothing waits for redelivery. A topic nobody subscribed to yet is not idle.
     pub fn is_idle(&self) -> bool {
         let st = self.lock();
-        st.topics
-            .values()
-            .all(|t| (t.log.is_empty() || !t.groups.is_empty()) && t.groups.values().all(|g| g.is_idle(t.log.len())))
+        st.topics.values().all(|t| {
+            (t.log.is_empty() || !t.groups.is_empty())
+                && t.groups.values().all(|g| g.is_idle(t.log.len()))
+        })
     }
 
     /// Waits until [`is_idle`](Self::is_idle): the deterministic "all done"
@@ -336,11 +361,23 @@ impl MemoryBroker {
         }
     }
 
-    fn settle(&self, topic: &str, group: &str, receipt: &Receipt, ack: Option<&DeadLetter>, nack: Option<Duration>, dl_dest: &str) {
+    fn settle(
+        &self,
+        topic: &str,
+        group: &str,
+        receipt: &Receipt,
+        ack: Option<&DeadLetter>,
+        nack: Option<Duration>,
+        dl_dest: &str,
+    ) {
         let mut st = self.lock();
         let st = &mut *st;
-        let Some(t) = st.topics.get_mut(topic) else { return };
-        let Some(g) = t.groups.get_mut(group) else { return };
+        let Some(t) = st.topics.get_mut(topic) else {
+            return;
+        };
+        let Some(g) = t.groups.get_mut(group) else {
+            return;
+        };
         let Some(idx) = receipt.as_number().and_then(|r| g.in_flight.remove(&r)) else {
             // A stale receipt (already settled, or handed out again): nothing to do.
             return;
@@ -352,11 +389,30 @@ impl MemoryBroker {
             st.events.push(BrokerEvent::Nacked { id });
         } else if let Some(letter) = ack {
             let dest = g.dead_letter.clone().unwrap_or_else(|| dl_dest.to_owned());
-            let delivery = delivery_of(&msg, topic, g.deliveries.get(&idx).copied().unwrap_or(1), Receipt::none());
-            st.dead_letters.entry(dest).or_default().push(DeadLetterRecord { delivery, letter: letter.clone() });
-            st.events.push(BrokerEvent::DeadLettered { id, reason: letter.reason.clone() });
+            let delivery = delivery_of(
+                &msg,
+                topic,
+                g.deliveries.get(&idx).copied().unwrap_or(1),
+                Receipt::none(),
+            );
+            st.dead_letters
+                .entry(dest)
+                .or_default()
+                .push(DeadLetterRecord {
+                    delivery,
+                    letter: letter.clone(),
+                });
+            st.events.push(BrokerEvent::DeadLettered {
+                id,
+                reason: letter.reason.clone(),
+            });
         } else {
-            let forced = t.forced_lost_acks.get_mut(&msg.id).filter(|n| **n > 0).map(|n| *n -= 1).is_some();
+            let forced = t
+                .forced_lost_acks
+                .get_mut(&msg.id)
+                .filter(|n| **n > 0)
+                .map(|n| *n -= 1)
+                .is_some();
             let lost = g.lost_acks.entry(idx).or_default();
             let random = !forced
                 && *lost < st.faults.max_lost_acks_per_message
@@ -419,8 +475,12 @@ impl MemorySubscription {
     fn take(&self, max: usize) -> (Vec<Delivery>, Option<Instant>) {
         let mut st = self.broker.lock();
         let st = &mut *st;
-        let Some(t) = st.topics.get_mut(&*self.topic) else { return (Vec::new(), None) };
-        let Some(g) = t.groups.get_mut(&*self.group) else { return (Vec::new(), None) };
+        let Some(t) = st.topics.get_mut(&*self.topic) else {
+            return (Vec::new(), None);
+        };
+        let Some(g) = t.groups.get_mut(&*self.group) else {
+            return (Vec::new(), None);
+        };
         while g.cursor < t.log.len() {
             g.ready.push_back(g.cursor);
             g.cursor += 1;
@@ -441,15 +501,25 @@ impl MemorySubscription {
         }
         let mut out = Vec::new();
         while out.len() < max {
-            let Some(idx) = g.ready.pop_front() else { break };
+            let Some(idx) = g.ready.pop_front() else {
+                break;
+            };
             st.next_receipt += 1;
             let receipt = st.next_receipt;
             g.in_flight.insert(receipt, idx);
             let attempt = g.deliveries.entry(idx).or_default();
             *attempt += 1;
             let msg = &t.log[idx];
-            st.events.push(BrokerEvent::Delivered { id: msg.id.to_string(), attempt: *attempt });
-            out.push(delivery_of(msg, &self.topic, *attempt, Receipt::number(receipt)));
+            st.events.push(BrokerEvent::Delivered {
+                id: msg.id.to_string(),
+                attempt: *attempt,
+            });
+            out.push(delivery_of(
+                msg,
+                &self.topic,
+                *attempt,
+                Receipt::number(receipt),
+            ));
         }
         (out, next_due)
     }
@@ -479,20 +549,44 @@ impl Subscription for MemorySubscription {
     }
 
     async fn ack(&self, delivery: &Delivery) -> Result<(), SourceError> {
-        self.broker.settle(&self.topic, &self.group, &delivery.receipt, None, None, &self.dead_letter_default);
+        self.broker.settle(
+            &self.topic,
+            &self.group,
+            &delivery.receipt,
+            None,
+            None,
+            &self.dead_letter_default,
+        );
         self.broker.notify();
         Ok(())
     }
 
     async fn nack(&self, delivery: &Delivery, delay: Duration) -> Result<(), SourceError> {
-        self.broker.settle(&self.topic, &self.group, &delivery.receipt, None, Some(delay), &self.dead_letter_default);
+        self.broker.settle(
+            &self.topic,
+            &self.group,
+            &delivery.receipt,
+            None,
+            Some(delay),
+            &self.dead_letter_default,
+        );
         self.broker.notify();
         Ok(())
     }
 
-    async fn dead_letter(&self, delivery: &Delivery, letter: &DeadLetter) -> Result<(), SourceError> {
-        self.broker
-            .settle(&self.topic, &self.group, &delivery.receipt, Some(letter), None, &self.dead_letter_default);
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        letter: &DeadLetter,
+    ) -> Result<(), SourceError> {
+        self.broker.settle(
+            &self.topic,
+            &self.group,
+            &delivery.receipt,
+            Some(letter),
+            None,
+            &self.dead_letter_default,
+        );
         self.broker.notify();
         Ok(())
     }

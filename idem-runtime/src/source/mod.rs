@@ -62,7 +62,10 @@ pub trait Subscription: Send + Sync + 'static {
     fn ack(&self, delivery: &Delivery) -> impl Future<Output = Result<(), SourceError>> + Send;
 
     /// Acknowledges several at once (one broker call where the broker has one).
-    fn ack_many(&self, deliveries: &[&Delivery]) -> impl Future<Output = Result<(), SourceError>> + Send {
+    fn ack_many(
+        &self,
+        deliveries: &[&Delivery],
+    ) -> impl Future<Output = Result<(), SourceError>> + Send {
         async move {
             for d in deliveries {
                 self.ack(d).await?;
@@ -73,7 +76,11 @@ pub trait Subscription: Send + Sync + 'static {
 
     /// Gives the message back for redelivery after `delay` (or as soon as the
     /// broker can, where it has no delayed redelivery).
-    fn nack(&self, delivery: &Delivery, delay: Duration) -> impl Future<Output = Result<(), SourceError>> + Send;
+    fn nack(
+        &self,
+        delivery: &Delivery,
+        delay: Duration,
+    ) -> impl Future<Output = Result<(), SourceError>> + Send;
 
     /// Moves the message to the dead letters with the reason, and settles it.
     fn dead_letter(

@@ -17,7 +17,7 @@ use crate::fingerprint::Fingerprint;
 /// An in-memory dedup store with leases and TTLs.
 ///
 /// ```
-/// use idem::store::memory::MemoryStore;
+/// use idem_runtime::store::memory::MemoryStore;
 /// let store = MemoryStore::new();
 /// assert!(store.is_empty());
 /// ```
@@ -29,8 +29,16 @@ pub struct MemoryStore {
 
 #[derive(Debug, Clone)]
 enum Record {
-    InProgress { token: u64, fingerprint: Fingerprint, until: Instant },
-    Done { fingerprint: Fingerprint, result: Option<String>, expires: Option<Instant> },
+    InProgress {
+        token: u64,
+        fingerprint: Fingerprint,
+        until: Instant,
+    },
+    Done {
+        fingerprint: Fingerprint,
+        result: Option<String>,
+        expires: Option<Instant>,
+    },
 }
 
 impl MemoryStore {
@@ -64,7 +72,12 @@ impl MemoryStore {
         self.records.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn claim_one(&self, map: &mut HashMap<(String, String), Record>, req: &ClaimRequest<'_>, now: Instant) -> Claim {
+    fn claim_one(
+        &self,
+        map: &mut HashMap<(String, String), Record>,
+        req: &ClaimRequest<'_>,
+        now: Instant,
+    ) -> Claim {
         let id = (req.handler.to_owned(), req.key.as_str().to_owned());
         let live = match map.get(&id) {
             Some(Record::InProgress { until, .. }) => *until > now,
@@ -76,21 +89,37 @@ impl MemoryStore {
                 Record::InProgress { fingerprint, .. } | Record::Done { fingerprint, .. }
                     if *fingerprint != req.fingerprint =>
                 {
-                    Claim::Conflict { stored: *fingerprint }
+                    Claim::Conflict {
+                        stored: *fingerprint,
+                    }
                 }
-                Record::InProgress { until, .. } => Claim::InProgress { retry_after: *until - now },
-                Record::Done { result, .. } => Claim::Done { cached: result.clone() },
+                Record::InProgress { until, .. } => Claim::InProgress {
+                    retry_after: *until - now,
+                },
+                Record::Done { result, .. } => Claim::Done {
+                    cached: result.clone(),
+                },
             };
         }
         let token = self.next_token.fetch_add(1, Ordering::Relaxed) + 1;
-        map.insert(id, Record::InProgress { token, fingerprint: req.fingerprint, until: now + req.lease });
+        map.insert(
+            id,
+            Record::InProgress {
+                token,
+                fingerprint: req.fingerprint,
+                until: now + req.lease,
+            },
+        );
         Claim::New { token }
     }
 
     fn release(&self, claimed: &[Claimed<'_>]) {
         let mut map = self.lock();
         for c in claimed {
-            let id = (c.request.handler.to_owned(), c.request.key.as_str().to_owned());
+            let id = (
+                c.request.handler.to_owned(),
+                c.request.key.as_str().to_owned(),
+            );
             if matches!(map.get(&id), Some(Record::InProgress { token, .. }) if *token == c.token) {
                 map.remove(&id);
             }
@@ -109,18 +138,29 @@ impl DedupStore for MemoryStore {
         Ok(NoTx)
     }
 
-    async fn claim(&self, _tx: &mut Self::Tx<'_>, requests: &[ClaimRequest<'_>]) -> Result<Vec<Claim>, StoreError> {
+    async fn claim(
+        &self,
+        _tx: &mut Self::Tx<'_>,
+        requests: &[ClaimRequest<'_>],
+    ) -> Result<Vec<Claim>, StoreError> {
         let now = Instant::now();
         let mut map = self.lock();
-        Ok(requests.iter().map(|r| self.claim_one(&mut map, r, now)).collect())
+        Ok(requests
+            .iter()
+            .map(|r| self.claim_one(&mut map, r, now))
+            .collect())
     }
 
     async fn commit(&self, _tx: NoTx, done: &[Claimed<'_>]) -> Result<(), StoreError> {
         let now = Instant::now();
         let mut map = self.lock();
         for c in done {
-            let id = (c.request.handler.to_owned(), c.request.key.as_str().to_owned());
-            let ours = matches!(map.get(&id), Some(Record::InProgress { token, .. }) if *token == c.token);
+            let id = (
+                c.request.handler.to_owned(),
+                c.request.key.as_str().to_owned(),
+            );
+            let ours =
+                matches!(map.get(&id), Some(Record::InProgress { token, .. }) if *token == c.token);
             if !ours {
                 tracing::warn!(
                     handler = c.request.handler,
@@ -145,7 +185,11 @@ impl DedupStore for MemoryStore {
         Ok(())
     }
 
-    async fn unclaim(&self, _tx: &mut Self::Tx<'_>, claimed: &[Claimed<'_>]) -> Result<(), StoreError> {
+    async fn unclaim(
+        &self,
+        _tx: &mut Self::Tx<'_>,
+        claimed: &[Claimed<'_>],
+    ) -> Result<(), StoreError> {
         self.release(claimed);
         Ok(())
     }

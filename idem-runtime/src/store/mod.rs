@@ -172,7 +172,9 @@ pub struct NoTx;
 #[non_exhaustive]
 pub enum StoreError {
     /// The store cannot be reached or failed mid-operation.
-    #[error("{store} store unavailable: {source}; idem keeps the message unacked and retries with backoff")]
+    #[error(
+        "{store} store unavailable: {source}; idem keeps the message unacked and retries with backoff"
+    )]
     Unavailable {
         /// Which store.
         store: &'static str,
@@ -192,8 +194,14 @@ pub enum StoreError {
 
 impl StoreError {
     /// Wraps a driver error as "unavailable".
-    pub fn unavailable(store: &'static str, source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        StoreError::Unavailable { store, source: Box::new(source) }
+    pub fn unavailable(
+        store: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        StoreError::Unavailable {
+            store,
+            source: Box::new(source),
+        }
     }
 }
 
@@ -211,7 +219,11 @@ impl DedupStore for NoStore {
     async fn begin(&self) -> Result<NoTx, StoreError> {
         Ok(NoTx)
     }
-    async fn claim(&self, _tx: &mut Self::Tx<'_>, requests: &[ClaimRequest<'_>]) -> Result<Vec<Claim>, StoreError> {
+    async fn claim(
+        &self,
+        _tx: &mut Self::Tx<'_>,
+        requests: &[ClaimRequest<'_>],
+    ) -> Result<Vec<Claim>, StoreError> {
         Ok(requests.iter().map(|_| Claim::New { token: 0 }).collect())
     }
     async fn commit(&self, _tx: NoTx, _done: &[Claimed<'_>]) -> Result<(), StoreError> {
@@ -220,7 +232,11 @@ impl DedupStore for NoStore {
     async fn rollback(&self, _tx: NoTx, _claimed: &[Claimed<'_>]) -> Result<(), StoreError> {
         Ok(())
     }
-    async fn unclaim(&self, _tx: &mut Self::Tx<'_>, _claimed: &[Claimed<'_>]) -> Result<(), StoreError> {
+    async fn unclaim(
+        &self,
+        _tx: &mut Self::Tx<'_>,
+        _claimed: &[Claimed<'_>],
+    ) -> Result<(), StoreError> {
         Ok(())
     }
     async fn nested<'t>(&self, _tx: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, StoreError> {

@@ -10,7 +10,7 @@ use super::StoreError;
 /// Derefs to the database connection, so sqlx queries run on it directly:
 ///
 /// ```no_run
-/// # async fn f(tx: &mut idem::Tx<'_>) -> Result<(), sqlx::Error> {
+/// # async fn f(tx: &mut idem_runtime::Tx<'_>) -> Result<(), sqlx::Error> {
 /// sqlx::query("INSERT INTO shipments (order_id) VALUES (?)")
 ///     .bind(7_i64)
 ///     .execute(&mut **tx)
@@ -60,7 +60,9 @@ impl<DB: sqlx::Database> DerefMut for Tx<'_, DB> {
 
 impl<DB: sqlx::Database> std::fmt::Debug for Tx<'_, DB> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tx").field("database", &DB::NAME).finish_non_exhaustive()
+        f.debug_struct("Tx")
+            .field("database", &DB::NAME)
+            .finish_non_exhaustive()
     }
 }
 
@@ -70,7 +72,7 @@ impl<DB: sqlx::Database> std::fmt::Debug for Tx<'_, DB> {
 /// a name with SQL in it is an attack or a typo either way.
 ///
 /// ```
-/// use idem::store::sql::validate_identifier;
+/// use idem_runtime::store::sql::validate_identifier;
 /// assert!(validate_identifier("sqlite", "idem_dedup").is_ok());
 /// assert!(validate_identifier("sqlite", "x; DROP TABLE orders").is_err());
 /// ```
@@ -95,10 +97,14 @@ pub fn validate_identifier(store: &'static str, name: &str) -> Result<(), StoreE
 /// anything else counts as "unavailable" (retried with backoff).
 pub(crate) fn map_err(store: &'static str, table: &str, e: sqlx::Error) -> StoreError {
     let text = e.to_string();
-    if text.contains("no such table") || (text.contains("relation") && text.contains("does not exist")) {
+    if text.contains("no such table")
+        || (text.contains("relation") && text.contains("does not exist"))
+    {
         return StoreError::Config {
             store,
-            message: format!("dedup table {table:?} does not exist: call the store's `migrate()` once at start-up ({text})"),
+            message: format!(
+                "dedup table {table:?} does not exist: call the store's `migrate()` once at start-up ({text})"
+            ),
         };
     }
     StoreError::unavailable(store, e)

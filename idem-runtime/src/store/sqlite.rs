@@ -22,7 +22,7 @@ const STORE: &str = "sqlite";
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// use idem::store::sqlite::SqliteStore;
+/// use idem_runtime::store::sqlite::SqliteStore;
 /// let store = SqliteStore::open("sqlite::memory:").await?;
 /// store.migrate().await?;
 /// # Ok(()) }
@@ -70,7 +70,9 @@ impl Statements {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore").field("table", &self.sql.table).finish_non_exhaustive()
+        f.debug_struct("SqliteStore")
+            .field("table", &self.sql.table)
+            .finish_non_exhaustive()
     }
 }
 
@@ -80,19 +82,33 @@ impl SqliteStore {
 
     /// A store on an existing pool, with the default table.
     pub fn new(pool: SqlitePool) -> Self {
-        SqliteStore { pool, sql: Arc::new(Statements::new(Self::DEFAULT_TABLE)) }
+        SqliteStore {
+            pool,
+            sql: Arc::new(Statements::new(Self::DEFAULT_TABLE)),
+        }
     }
 
     /// Opens (and creates if missing) a database at `url` (`sqlite://path`,
     /// `sqlite::memory:`, or a plain file path) with settings fit for a
     /// consumer: WAL journal, `synchronous = NORMAL`, a 30 s busy timeout.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let url = if url.starts_with("sqlite:") { url.to_owned() } else { format!("sqlite://{url}") };
+        let url = if url.starts_with("sqlite:") {
+            url.to_owned()
+        } else {
+            format!("sqlite://{url}")
+        };
         let memory = url.contains(":memory:");
         let options = SqliteConnectOptions::from_str(&url)
-            .map_err(|e| StoreError::Config { store: STORE, message: format!("bad SQLite URL {url:?}: {e}") })?
+            .map_err(|e| StoreError::Config {
+                store: STORE,
+                message: format!("bad SQLite URL {url:?}: {e}"),
+            })?
             .create_if_missing(true)
-            .journal_mode(if memory { SqliteJournalMode::Memory } else { SqliteJournalMode::Wal })
+            .journal_mode(if memory {
+                SqliteJournalMode::Memory
+            } else {
+                SqliteJournalMode::Wal
+            })
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(30));
         // An in-memory database lives in one connection; a file can have a few
@@ -127,7 +143,10 @@ impl SqliteStore {
                PRIMARY KEY (handler, key)); \
              CREATE INDEX IF NOT EXISTS {t}_expires ON {t} (expires_at) WHERE expires_at IS NOT NULL;"
         );
-        sqlx::raw_sql(AssertSqlSafe(ddl)).execute(&self.pool).await.map_err(|e| self.err(e))?;
+        sqlx::raw_sql(AssertSqlSafe(ddl))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(())
     }
 
@@ -135,7 +154,12 @@ impl SqliteStore {
         map_err(STORE, &self.sql.table, e)
     }
 
-    async fn claim_one(&self, tx: &mut Tx<'_, Sqlite>, r: &ClaimRequest<'_>, now: i64) -> Result<Claim, StoreError> {
+    async fn claim_one(
+        &self,
+        tx: &mut Tx<'_, Sqlite>,
+        r: &ClaimRequest<'_>,
+        now: i64,
+    ) -> Result<Claim, StoreError> {
         let expires = r.ttl.map(|ttl| now.saturating_add(ttl.as_millis() as i64));
         let inserted = sqlx::query(AssertSqlSafe(self.sql.claim.clone()))
             .bind(r.handler)
@@ -172,13 +196,21 @@ impl DedupStore for SqliteStore {
     }
 
     async fn begin(&self) -> Result<Tx<'static, Sqlite>, StoreError> {
-        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(|e| self.err(e))?;
+        let tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(Tx::new(tx))
     }
 
     // In-process: a statement costs no network round trip, so a batch is
     // claimed statement by statement on the already-prepared query.
-    async fn claim(&self, tx: &mut Self::Tx<'_>, requests: &[ClaimRequest<'_>]) -> Result<Vec<Claim>, StoreError> {
+    async fn claim(
+        &self,
+        tx: &mut Self::Tx<'_>,
+        requests: &[ClaimRequest<'_>],
+    ) -> Result<Vec<Claim>, StoreError> {
         let now = now_millis();
         let mut out = Vec::with_capacity(requests.len());
         for r in requests {
@@ -187,7 +219,11 @@ impl DedupStore for SqliteStore {
         Ok(out)
     }
 
-    async fn commit(&self, mut tx: Tx<'static, Sqlite>, done: &[Claimed<'_>]) -> Result<(), StoreError> {
+    async fn commit(
+        &self,
+        mut tx: Tx<'static, Sqlite>,
+        done: &[Claimed<'_>],
+    ) -> Result<(), StoreError> {
         for c in done {
             if let Some(result) = c.result {
                 sqlx::query(AssertSqlSafe(self.sql.save_result.clone()))
@@ -202,11 +238,19 @@ impl DedupStore for SqliteStore {
         tx.into_inner().commit().await.map_err(|e| self.err(e))
     }
 
-    async fn rollback(&self, tx: Tx<'static, Sqlite>, _claimed: &[Claimed<'_>]) -> Result<(), StoreError> {
+    async fn rollback(
+        &self,
+        tx: Tx<'static, Sqlite>,
+        _claimed: &[Claimed<'_>],
+    ) -> Result<(), StoreError> {
         tx.into_inner().rollback().await.map_err(|e| self.err(e))
     }
 
-    async fn unclaim(&self, tx: &mut Self::Tx<'_>, claimed: &[Claimed<'_>]) -> Result<(), StoreError> {
+    async fn unclaim(
+        &self,
+        tx: &mut Self::Tx<'_>,
+        claimed: &[Claimed<'_>],
+    ) -> Result<(), StoreError> {
         for c in claimed {
             sqlx::query(AssertSqlSafe(self.sql.delete.clone()))
                 .bind(c.request.handler)
@@ -225,7 +269,11 @@ impl DedupStore for SqliteStore {
 
     async fn end_nested(&self, tx: Self::Tx<'_>, commit: bool) -> Result<(), StoreError> {
         let inner = tx.into_inner();
-        let r = if commit { inner.commit().await } else { inner.rollback().await };
+        let r = if commit {
+            inner.commit().await
+        } else {
+            inner.rollback().await
+        };
         r.map_err(|e| self.err(e))
     }
 
