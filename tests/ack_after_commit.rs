@@ -75,13 +75,7 @@ struct Order {
 }
 
 async fn apply(tx: &mut Tx<'_>, handler: &str, o: &Order) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO effects (handler, key, seq) VALUES (?, ?, ?)")
-        .bind(handler)
-        .bind(&o.order_id)
-        .bind(o.seq)
-        .execute(&mut **tx)
-        .await
-        .map(|_| ())
+    common::insert_effect(tx, handler, &o.order_id, o.seq).await
 }
 
 #[idempotent(topic = "auto", key = "order_id", store = Recording, name = "rec-auto", ack = "auto")]

@@ -24,12 +24,7 @@ struct Order {
     backoff = "1ms..2ms"
 )]
 async fn prop_sqlite(o: Order, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO effects (handler, key, seq) VALUES ('prop-sqlite', ?, ?)")
-        .bind(&o.order_id)
-        .bind(o.seq)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
+    common::insert_effect(tx, "prop-sqlite", &o.order_id, o.seq).await
 }
 
 #[idempotent(
@@ -41,12 +36,7 @@ async fn prop_sqlite(o: Order, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
     backoff = "1ms..2ms"
 )]
 async fn prop_batch(o: Order, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO effects (handler, key, seq) VALUES ('prop-batch', ?, ?)")
-        .bind(&o.order_id)
-        .bind(o.seq)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
+    common::insert_effect(tx, "prop-batch", &o.order_id, o.seq).await
 }
 
 proptest! {

@@ -94,11 +94,7 @@ async fn shutdown_finishes_in_flight_messages_and_fetches_no_more() {
 
 #[idempotent(topic = "stuck", key = "order_id", store = "sqlite", name = "sd-stuck")]
 async fn sd_stuck(o: Order, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO effects (handler, key, seq) VALUES ('sd-stuck', ?, ?)")
-        .bind(&o.order_id)
-        .bind(o.seq)
-        .execute(&mut **tx)
-        .await?;
+    common::insert_effect(tx, "sd-stuck", &o.order_id, o.seq).await?;
     STARTED_STUCK.notify_one();
     std::future::pending::<()>().await;
     Ok(())

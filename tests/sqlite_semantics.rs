@@ -27,14 +27,9 @@ impl std::fmt::Display for AppError {
 }
 
 async fn apply(tx: &mut Tx<'_>, handler: &str, o: &Order) -> Result<(), AppError> {
-    sqlx::query("INSERT INTO effects (handler, key, seq) VALUES (?, ?, ?)")
-        .bind(handler)
-        .bind(&o.order_id)
-        .bind(o.seq)
-        .execute(&mut **tx)
+    common::insert_effect(tx, handler, &o.order_id, o.seq)
         .await
-        .map_err(|e| AppError(e.to_string()))?;
-    Ok(())
+        .map_err(|e| AppError(e.to_string()))
 }
 
 // --- a message delivered many times applies its effect once -------------

@@ -67,3 +67,20 @@ pub async fn run_until_idle<S: Source>(runtime: &Runtime<S>, broker: &MemoryBrok
     };
     tokio::join!(run, idle);
 }
+
+/// The business effect of the test handlers: one row in `effects`, written
+/// in the handler's transaction.
+pub async fn insert_effect(
+    tx: &mut idem::Tx<'_>,
+    handler: &str,
+    key: &str,
+    seq: u32,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO effects (handler, key, seq) VALUES (?, ?, ?)")
+        .bind(handler)
+        .bind(key)
+        .bind(seq)
+        .execute(&mut **tx)
+        .await
+        .map(|_| ())
+}
