@@ -1,3 +1,6 @@
+//! Compile-time behaviour of `#[idempotent]`: what must compile and what must
+//! fail, with the error text a user sees (`tests/ui/**/*.stderr`).
+
 #[test]
 fn ui() {
     let t = trybuild::TestCases::new();

@@ -22,6 +22,11 @@ impl Errors {
     pub(crate) fn at(&mut self, span: Span, msg: impl std::fmt::Display) {
         self.push(syn::Error::new(span, msg));
     }
+    /// An error underlining all of `tokens` (first to last token), not only
+    /// the first: stable proc macros cannot join spans themselves.
+    pub(crate) fn spanned(&mut self, tokens: impl quote::ToTokens, msg: impl std::fmt::Display) {
+        self.push(syn::Error::new_spanned(tokens, msg));
+    }
     pub(crate) fn into_compile_errors(self) -> TokenStream {
         self.0.map(|e| e.to_compile_error()).unwrap_or_default()
     }
@@ -46,7 +51,9 @@ impl Store {
             Store::Postgres => "postgres".into(),
             Store::Redis => "redis".into(),
             Store::Memory => "memory".into(),
-            Store::Custom(p) => quote::ToTokens::to_token_stream(p).to_string().replace(' ', ""),
+            Store::Custom(p) => quote::ToTokens::to_token_stream(p)
+                .to_string()
+                .replace(' ', ""),
         }
     }
     /// `Some(true)` / `Some(false)` when known at compile time.
@@ -81,12 +88,26 @@ impl AckMode {
             AckMode::Batch => "Batch",
         }
     }
+    /// The attribute spelling.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            AckMode::Before => "before",
+            AckMode::Auto => "auto",
+            AckMode::Manual => "manual",
+            AckMode::ManualImmediate => "manual_immediate",
+            AckMode::Batch => "batch",
+        }
+    }
 }
 
 /// One way of getting a key.
 pub(crate) enum KeySpec {
     /// `"order_id"`, `"customer.id"`: the field path, split, with the literal's span.
-    Field { path: Vec<syn::Member>, text: String, span: Span },
+    Field {
+        path: Vec<syn::Member>,
+        text: String,
+        span: Span,
+    },
     /// `header("Idempotency-Key")`
     Header(LitStr),
     /// `message_id`
@@ -102,7 +123,14 @@ impl KeySpec {
             KeySpec::Header(h) => format!("header({:?})", h.value()),
             KeySpec::MessageId => "message_id".into(),
             KeySpec::Composite(parts) => {
-                format!("({})", parts.iter().map(KeySpec::describe).collect::<Vec<_>>().join(", "))
+                format!(
+                    "({})",
+                    parts
+                        .iter()
+                        .map(KeySpec::describe)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
             }
         }
     }
@@ -158,7 +186,10 @@ impl Parse for RawArg {
             input.call(syn::ext::IdentExt::parse_any)?
         };
         input.parse::<Token![=]>().map_err(|e| {
-            syn::Error::new(e.span(), format!("expected `=` after `{name}`: arguments are written `{name} = value`"))
+            syn::Error::new(
+                e.span(),
+                format!("expected `=` after `{name}`: arguments are written `{name} = value`"),
+            )
         })?;
         let value: Expr = input.parse()?;
         Ok(RawArg { name, value })
@@ -167,39 +198,116 @@ impl Parse for RawArg {
 
 fn lit_str(v: &Expr, errors: &mut Errors, what: &str) -> Option<LitStr> {
     match v {
-        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => Some(s.clone()),
+        Expr::Lit(ExprLit {
+            lit: Lit::Str(s), ..
+        }) => Some(s.clone()),
         other => {
-            errors.at(other.span(), format!("`{what}` takes a string literal, e.g. {what} = \"…\""));
+            errors.at(
+                other.span(),
+                format!("`{what}` takes a string literal, e.g. {what} = \"…\""),
+            );
             None
         }
     }
 }
 
-fn one_of<T: Copy>(v: &Expr, errors: &mut Errors, what: &str, options: &[(&str, T)]) -> Option<T> {
+/// One of the string `options`. `or` ends the error's list of valid values.
+fn one_of<T: Copy>(
+    v: &Expr,
+    errors: &mut Errors,
+    what: &str,
+    options: &[(&str, T)],
+    or: &str,
+) -> Option<T> {
     let s = lit_str(v, errors, what)?;
     let value = s.value();
     match options.iter().find(|(n, _)| *n == value) {
         Some((_, t)) => Some(*t),
         None => {
-            let valid = options.iter().map(|(n, _)| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
-            errors.at(s.span(), format!("unknown {what} {value:?}; expected one of: {valid}"));
+            let valid = options
+                .iter()
+                .map(|(n, _)| format!("\"{n}\""))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+            let hint = closest(&value, &names)
+                .map(|k| format!("did you mean \"{k}\"? "))
+                .unwrap_or_default();
+            errors.at(
+                s.span(),
+                format!("unknown {what} {value:?}; {hint}expected one of: {valid}{or}"),
+            );
             None
         }
     }
 }
 
-fn duration(s: &LitStr, errors: &mut Errors, what: &str) -> Option<Millis> {
-    match humantime::parse_duration(s.value().trim()) {
-        Ok(d) if d.as_millis() > 0 => Some(Millis(d.as_millis().min(u128::from(u64::MAX)) as u64)),
-        Ok(_) => {
-            errors.at(s.span(), format!("`{what}` must be longer than zero"));
-            None
-        }
-        Err(e) => {
-            errors.at(s.span(), format!("invalid duration for `{what}`: {e}; write e.g. \"500ms\", \"30s\", \"7d\""));
-            None
-        }
+/// Parses a duration such as "500ms", "30s", "7d"; the error says what is wrong.
+fn parse_duration(text: &str) -> Result<Millis, String> {
+    use humantime::DurationError as E;
+    match humantime::parse_duration(text.trim()) {
+        Ok(d) if d.as_millis() > 0 => Ok(Millis(d.as_millis().min(u128::from(u64::MAX)) as u64)),
+        Ok(_) => Err(format!("{text:?} is zero; it must be longer")),
+        Err(E::UnknownUnit { unit, .. }) => Err(format!(
+            "{text:?} has an unknown unit {unit:?}; units are ms, s, m, h, d (also sec, min, hours, days, weeks)"
+        )),
+        Err(E::Empty) => Err("the duration is empty".into()),
+        Err(E::NumberOverflow) => Err(format!("{text:?} is too long a duration")),
+        Err(_) => Err(format!(
+            "{text:?} is not a duration: write a number and a unit"
+        )),
     }
+}
+
+fn duration(s: &LitStr, errors: &mut Errors, what: &str) -> Option<Millis> {
+    // "forever", "never", "none": a ttl that means no expiry.
+    let forever = if what == "ttl" && !s.value().chars().any(|c| c.is_ascii_digit()) {
+        " (leave `ttl` out to keep records forever)"
+    } else {
+        ""
+    };
+    parse_duration(&s.value())
+        .map_err(|e| {
+            errors.at(
+                s.span(),
+                format!("invalid `{what}`: {e}, e.g. {what} = \"30s\" or \"7d\"{forever}"),
+            )
+        })
+        .ok()
+}
+
+/// The closest name to `unknown` among `known`, if it is close enough to be
+/// a typo: an edit distance of at most a third of its length (at least 1),
+/// or half of it when they share a 4-letter prefix (`retry` → `retries`).
+fn closest<'a>(unknown: &str, known: &[&'a str]) -> Option<&'a str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let cur = row[j + 1];
+                row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+                prev = cur;
+            }
+        }
+        row[b.len()]
+    }
+    let len = unknown.chars().count();
+    known
+        .iter()
+        .map(|k| (distance(unknown, k), *k))
+        .filter(|(d, k)| {
+            let prefix = unknown
+                .chars()
+                .zip(k.chars())
+                .take_while(|(a, b)| a == b)
+                .count();
+            *d <= (len / 3).max(1) || (prefix >= 4 && *d <= len / 2 + 1)
+        })
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
 }
 
 fn field_path(s: &LitStr, errors: &mut Errors, what: &str) -> Option<Vec<syn::Member>> {
@@ -207,9 +315,15 @@ fn field_path(s: &LitStr, errors: &mut Errors, what: &str) -> Option<Vec<syn::Me
     let mut out = Vec::new();
     for seg in text.split('.') {
         let member = if let Ok(i) = seg.parse::<u32>() {
-            syn::Member::Unnamed(syn::Index { index: i, span: s.span() })
+            syn::Member::Unnamed(syn::Index {
+                index: i,
+                span: s.span(),
+            })
         } else if !seg.is_empty()
-            && seg.chars().next().is_some_and(|c| c.is_alphabetic() || c == '_')
+            && seg
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_alphabetic() || c == '_')
             && seg.chars().all(|c| c.is_alphanumeric() || c == '_')
         {
             syn::Member::Named(syn::Ident::new(seg, s.span()))
@@ -228,18 +342,30 @@ fn field_path(s: &LitStr, errors: &mut Errors, what: &str) -> Option<Vec<syn::Me
 fn key_spec(v: &Expr, errors: &mut Errors, nested: bool) -> Option<KeySpec> {
     const FORMS: &str = "\"field\", \"nested.field\", (\"a\", \"b\"), header(\"Name\"), message_id";
     match v {
-        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => {
+        Expr::Lit(ExprLit {
+            lit: Lit::Str(s), ..
+        }) => {
             let path = field_path(s, errors, "key")?;
-            Some(KeySpec::Field { path, text: s.value(), span: s.span() })
+            Some(KeySpec::Field {
+                path,
+                text: s.value(),
+                span: s.span(),
+            })
         }
         Expr::Path(p) if p.path.is_ident("message_id") => Some(KeySpec::MessageId),
         Expr::Call(c) if matches!(&*c.func, Expr::Path(p) if p.path.is_ident("header")) => {
             match (c.args.len(), c.args.first()) {
-                (1, Some(Expr::Lit(ExprLit { lit: Lit::Str(s), .. }))) if !s.value().is_empty() => {
-                    Some(KeySpec::Header(s.clone()))
-                }
+                (
+                    1,
+                    Some(Expr::Lit(ExprLit {
+                        lit: Lit::Str(s), ..
+                    })),
+                ) if !s.value().is_empty() => Some(KeySpec::Header(s.clone())),
                 _ => {
-                    errors.at(c.span(), "`header(…)` takes one non-empty string: header(\"Idempotency-Key\")");
+                    errors.at(
+                        c.span(),
+                        "`header(…)` takes one non-empty string: header(\"Idempotency-Key\")",
+                    );
                     None
                 }
             }
@@ -250,11 +376,19 @@ fn key_spec(v: &Expr, errors: &mut Errors, nested: bool) -> Option<KeySpec> {
                 return None;
             }
             let parts: Vec<_> = t.elems.iter().map(|e| key_spec(e, errors, true)).collect();
-            parts.into_iter().collect::<Option<Vec<_>>>().map(KeySpec::Composite)
+            parts
+                .into_iter()
+                .collect::<Option<Vec<_>>>()
+                .map(KeySpec::Composite)
         }
         Expr::Paren(p) => key_spec(&p.expr, errors, nested),
         other => {
-            errors.at(other.span(), format!("unsupported key; expected one of: {FORMS}, or use `with = path::to::extractor`"));
+            errors.at(
+                other.span(),
+                format!(
+                    "unsupported key; expected one of: {FORMS}, or use `with = path::to::extractor`"
+                ),
+            );
             None
         }
     }
@@ -305,6 +439,7 @@ impl Args {
                             errors,
                             "store",
                             &[("sqlite", 0), ("postgres", 1), ("redis", 2), ("memory", 3)],
+                            ", or the path of a custom store type (store = MyStore)",
                         )
                         .map(|i| [Store::Sqlite, Store::Postgres, Store::Redis, Store::Memory].into_iter().nth(i).unwrap_or(Store::Memory)),
                     };
@@ -322,6 +457,7 @@ impl Args {
                             ("manual_immediate", AckMode::ManualImmediate),
                             ("batch", AckMode::Batch),
                         ],
+                        "",
                     )
                     .map(|a| (a, v.span()))
                 }
@@ -330,19 +466,26 @@ impl Args {
                 "backoff" => {
                     if let Some(s) = lit_str(v, errors, "backoff") {
                         let text = s.value();
-                        match text.split_once("..") {
-                            Some((a, b)) => {
-                                let lo = duration(&LitStr::new(a, s.span()), errors, "backoff");
-                                let hi = duration(&LitStr::new(b, s.span()), errors, "backoff");
-                                if let (Some(lo), Some(hi)) = (lo, hi) {
-                                    if lo.0 > hi.0 {
-                                        errors.at(s.span(), "`backoff` is \"min..max\" with min <= max");
-                                    } else {
-                                        args.backoff = Some((lo, hi));
-                                    }
-                                }
-                            }
-                            None => errors.at(s.span(), "`backoff` is a range \"min..max\", e.g. \"100ms..30s\""),
+                        let range = match text.split_once("..") {
+                            None => Err(format!("{text:?} is not a range")),
+                            Some((a, b)) => match (parse_duration(a), parse_duration(b)) {
+                                (Ok(lo), Ok(hi)) if lo.0 > hi.0 => Err(format!(
+                                    "the first delay ({}) is longer than the largest ({})",
+                                    a.trim(),
+                                    b.trim()
+                                )),
+                                (Ok(lo), Ok(hi)) => Ok((lo, hi)),
+                                (Err(e), _) | (_, Err(e)) => Err(e),
+                            },
+                        };
+                        match range {
+                            Ok(r) => args.backoff = Some(r),
+                            Err(e) => errors.at(
+                                s.span(),
+                                format!(
+                                    "invalid `backoff`: {e}; write the first and the largest retry delay, e.g. backoff = \"100ms..30s\""
+                                ),
+                            ),
                         }
                     }
                 }
@@ -383,11 +526,11 @@ impl Args {
                     other => errors.at(other.span(), "`fingerprint` takes a non-empty list of fields: [\"amount\", \"currency\"]"),
                 },
                 "on_missing_key" => {
-                    args.on_missing_key = one_of(v, errors, "on_missing_key", &[("dead_letter", true), ("reject", false)])
+                    args.on_missing_key = one_of(v, errors, "on_missing_key", &[("dead_letter", true), ("reject", false)], "")
                         .map(|b| (b, v.span()))
                 }
                 "on_in_progress" => {
-                    args.on_in_progress = one_of(v, errors, "on_in_progress", &[("retry", false), ("wait", true)])
+                    args.on_in_progress = one_of(v, errors, "on_in_progress", &[("retry", false), ("wait", true)], "")
                 }
                 "crate" => {
                     if let Some(s) = lit_str(v, errors, "crate") {
@@ -397,7 +540,15 @@ impl Args {
                         }
                     }
                 }
-                _ => errors.at(name.span(), format!("unknown argument `{n}`; expected one of: {ARGUMENTS}")),
+                _ => {
+                    let hint = closest(&n, &ARGUMENTS.split(", ").collect::<Vec<_>>())
+                        .map(|k| format!("did you mean `{k}`? "))
+                        .unwrap_or_default();
+                    errors.at(
+                        name.span(),
+                        format!("unknown argument `{n}`; {hint}the arguments are: {ARGUMENTS}"),
+                    )
+                }
             }
         }
         args

@@ -3,8 +3,8 @@
 //! `HandlerMeta`, and an `inventory::submit!` of its descriptor. All the
 //! behaviour lives in the runtime; this is an adapter.
 
-use proc_macro2::{Span, TokenStream};
-use quote::{format_ident, quote, quote_spanned};
+use proc_macro2::{Delimiter, Group, Span, TokenStream, TokenTree};
+use quote::{ToTokens, format_ident, quote, quote_spanned};
 use syn::ItemFn;
 
 use crate::args::{AckMode, Args, Errors, KeySpec, Store};
@@ -20,10 +20,12 @@ pub(crate) fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
             return quote! { #item #e };
         }
     };
-    let args = Args::parse(attr, &mut errors);
+    let args = Args::parse(attr.clone(), &mut errors);
     let sig = Signature::read(&f, &mut errors);
-    check(&args, &sig, &f, &mut errors);
+    check(&args, &sig, &attr, &mut errors);
     if !errors.is_empty() {
+        // The user's fn is still emitted, so its callers and tests do not
+        // pile "cannot find function" errors on top of the real one.
         let e = errors.into_compile_errors();
         return quote! { #f #e };
     }
@@ -31,40 +33,68 @@ pub(crate) fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
     quote! { #f #generated }
 }
 
-/// Checks that need both the arguments and the signature.
-fn check(args: &Args, sig: &Signature, f: &ItemFn, errors: &mut Errors) {
+/// Checks that need both the arguments and the signature. `attr` is the
+/// argument list, underlined by errors about an argument that is missing.
+fn check(args: &Args, sig: &Signature, attr: &TokenStream, errors: &mut Errors) {
+    let mut missing = |msg: &str| {
+        if attr.is_empty() {
+            errors.at(Span::call_site(), msg);
+        } else {
+            errors.spanned(attr, msg);
+        }
+    };
     if args.topic.is_none() {
-        errors.at(Span::call_site(), "missing `topic = \"…\"`: the topic, stream, queue or subject this handler consumes");
+        missing(
+            "missing `topic = \"…\"`: the topic, stream, queue or subject this handler consumes",
+        );
     }
-    if args.key.is_some() && args.with.is_some() {
-        errors.at(Span::call_site(), "give either `key = …` or `with = …`, not both");
+    if let (Some(_), Some(with)) = (&args.key, &args.with) {
+        errors.spanned(with, "give either `key = …` or `with = …`, not both");
     }
-    if args.store.is_some() && args.key.is_none() && args.with.is_none() {
+    if let Some((store, span)) = &args.store
+        && args.key.is_none()
+        && args.with.is_none()
+    {
         errors.at(
-            Span::call_site(),
-            "missing `key = …`: what identifies a message? e.g. key = \"order_id\", key = (\"tenant\", \"id\"), key = header(\"Idempotency-Key\"), key = message_id, or with = my_extractor",
+            *span,
+            format!(
+                "store `{}` deduplicates by key, but there is no `key = …`: what identifies a message? \
+                 e.g. key = \"order_id\", key = (\"tenant\", \"id\"), key = header(\"Idempotency-Key\"), \
+                 key = message_id, or with = my_extractor",
+                store.name()
+            ),
         );
     }
     let ack = args.ack.as_ref().map(|(a, _)| *a).unwrap_or(AckMode::Auto);
-    match (ack.is_manual(), sig.ack) {
+    match (ack.is_manual(), &sig.ack) {
         (true, None) => {
             let span = args.ack.as_ref().map(|(_, s)| *s).unwrap_or_else(Span::call_site);
-            errors.at(span, "a manual ack mode needs an `ack: idem::Ack` parameter, and the handler calls `ack.ack()`");
+            errors.at(
+                span,
+                format!(
+                    "ack = \"{}\" needs an `ack: idem::Ack` parameter: the handler calls `ack.ack()` when the message is done",
+                    ack.as_str()
+                ),
+            );
         }
-        (false, Some(span)) => errors.at(
-            span,
-            "an `Ack` parameter needs `ack = \"manual\"` or `ack = \"manual_immediate\"`; in other modes idem acks by itself",
+        (false, Some(loc)) => errors.spanned(
+            &loc.tokens,
+            format!(
+                "an `Ack` parameter needs `ack = \"manual\"` or `ack = \"manual_immediate\"`; with {}ack = \"{}\" idem acks by itself",
+                if args.ack.is_none() { "the default " } else { "" },
+                ack.as_str()
+            ),
         ),
         _ => {}
     }
-    if let Some(tx) = sig.tx {
+    if let Some(tx) = &sig.tx {
         match args.store.as_ref().map(|(s, _)| s) {
-            None => errors.at(
-                tx,
-                "this handler takes a transaction but has no `store`: use store = \"sqlite\" or store = \"postgres\", whose dedup record commits in the handler's transaction",
+            None => errors.spanned(
+                &tx.tokens,
+                "this handler takes a transaction but has no `store`: add store = \"sqlite\" (or \"postgres\"), whose dedup record commits in the handler's transaction",
             ),
-            Some(s) if s.transactional() == Some(false) => errors.at(
-                tx,
+            Some(s) if s.transactional() == Some(false) => errors.spanned(
+                &tx.tokens,
                 format!(
                     "store `{}` has no transaction to give the handler: remove the `tx` parameter, or use store = \"sqlite\" / \"postgres\"",
                     s.name()
@@ -73,26 +103,87 @@ fn check(args: &Args, sig: &Signature, f: &ItemFn, errors: &mut Errors) {
             _ => {}
         }
     }
-    if let Some((true, span)) | Some((false, span)) = args.on_missing_key.as_ref().map(|(b, s)| (*b, *s))
+    if let Some((_, span)) = args.on_missing_key
         && !args.key.as_ref().is_some_and(|(k, _)| k.has_field())
     {
-        errors.at(span, "`on_missing_key` applies to payload-field keys only (`key = \"field\"`)");
+        let key = match (&args.key, &args.with) {
+            (Some((k, _)), _) => format!("key = {}", k.describe()),
+            (None, Some(_)) => "a `with` extractor".into(),
+            (None, None) => "key = message_id (the default)".into(),
+        };
+        errors.at(
+            span,
+            format!(
+                "`on_missing_key` applies to payload-field keys only (`key = \"field\"`), not to {key}; remove it"
+            ),
+        );
     }
-    let _ = f;
 }
 
-fn member_path(path: &[syn::Member]) -> TokenStream {
-    quote! { #(.#path)* }
+/// `tokens` with every span set to `span`, so that an error in code built
+/// from them points at the user's token instead of the whole attribute.
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut t| {
+            if let TokenTree::Group(g) = &t {
+                let mut g2 = Group::new(g.delimiter(), respan(g.stream(), span));
+                g2.set_span(span);
+                t = TokenTree::Group(g2);
+            }
+            t.set_span(span);
+            t
+        })
+        .collect()
 }
 
-fn extractor(spec: &KeySpec, payload: &syn::Type, private: &TokenStream, optional: bool) -> TokenStream {
+/// The spans of the first and the last token of `tokens`.
+fn first_last(tokens: impl ToTokens) -> (Span, Span) {
+    let mut it = tokens.into_token_stream().into_iter();
+    let first = it.next().map(|t| t.span()).unwrap_or_else(Span::call_site);
+    let last = it.last().map(|t| t.span()).unwrap_or(first);
+    (first, last)
+}
+
+/// `(__p.a.b)`: the payload field named by a string literal. The field names
+/// keep the literal's location (so "no field `x` on type …" points at it)
+/// but take the macro's hygiene context: otherwise rustc offers a fix-it
+/// that replaces the whole literal with a bare name (`key = order_id`). The
+/// parentheses carry the literal's span alone, so that errors about the
+/// field's value (not a key part, not serializable) point at the literal.
+fn field_access(path: &[syn::Member], span: Span) -> TokenStream {
+    let at = Span::call_site().located_at(span);
+    let members = path.iter().map(|m| match m {
+        syn::Member::Named(id) => syn::Member::Named(syn::Ident::new(&id.to_string(), at)),
+        syn::Member::Unnamed(i) => syn::Member::Unnamed(syn::Index {
+            index: i.index,
+            span: at,
+        }),
+    });
+    let mut group = Group::new(
+        Delimiter::Parenthesis,
+        quote_spanned! {span=> (*__p) #(.#members)* },
+    );
+    group.set_span(span);
+    TokenTree::Group(group).into()
+}
+
+fn extractor(
+    spec: &KeySpec,
+    payload: &syn::Type,
+    private: &TokenStream,
+    optional: bool,
+) -> TokenStream {
     match spec {
         KeySpec::Field { path, text, span } => {
-            let access = member_path(path);
+            let access = field_access(path, *span);
+            // Every token of the call at the key's literal: a field that is
+            // not a key part is then reported there and nowhere else.
+            let private = &respan(private.clone(), *span);
             let write = if optional {
-                quote_spanned! {*span=> #private::OptionalKeyPart::write_optional_key(&__p #access, __out) }
+                quote_spanned! {*span=> #private::OptionalKeyPart::write_optional_key(&#access, __out) }
             } else {
-                quote_spanned! {*span=> { #private::KeyPart::write_key(&__p #access, __out); ::core::result::Result::Ok(()) } }
+                quote_spanned! {*span=> { #private::KeyPart::write_key(&#access, __out); ::core::result::Result::Ok(()) } }
             };
             quote! {
                 #private::Field {
@@ -104,30 +195,43 @@ fn extractor(spec: &KeySpec, payload: &syn::Type, private: &TokenStream, optiona
         KeySpec::Header(h) => quote! { #private::Header(#h) },
         KeySpec::MessageId => quote! { #private::MessageId },
         KeySpec::Composite(parts) => {
-            let parts = parts.iter().map(|p| extractor(p, payload, private, optional));
+            let parts = parts
+                .iter()
+                .map(|p| extractor(p, payload, private, optional));
             quote! { ( #(#parts,)* ) }
         }
     }
 }
 
 fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
-    let krate = args.krate.as_ref().map(|p| quote! { #p }).unwrap_or_else(|| quote! { ::idem });
+    let krate = args
+        .krate
+        .as_ref()
+        .map(|p| quote! { #p })
+        .unwrap_or_else(|| quote! { ::idem });
     let private = quote! { #krate::__private };
     let fn_name = &f.sig.ident;
     let fn_text = fn_name.to_string();
     let ty = format_ident!("__IdemHandler_{}", fn_name);
     let payload = sig.payload.as_ref().expect("checked: payload exists");
+    let payload_span = syn::spanned::Spanned::span(payload);
     let output = sig.output.as_ref().expect("checked: return type exists");
 
+    // A built-in store's type carries the span of its name, so that
+    // "not a dedup store" (a cargo feature that is off) points there.
     let (store_ty, store_span) = match &args.store {
         None => (quote! { #krate::NoStore }, Span::call_site()),
-        Some((Store::Sqlite, s)) => (quote! { #private::stores::Sqlite }, *s),
-        Some((Store::Postgres, s)) => (quote! { #private::stores::Postgres }, *s),
-        Some((Store::Redis, s)) => (quote! { #private::stores::Redis }, *s),
-        Some((Store::Memory, s)) => (quote! { #private::stores::Memory }, *s),
+        Some((Store::Sqlite, s)) => (respan(quote! { #private::stores::Sqlite }, *s), *s),
+        Some((Store::Postgres, s)) => (respan(quote! { #private::stores::Postgres }, *s), *s),
+        Some((Store::Redis, s)) => (respan(quote! { #private::stores::Redis }, *s), *s),
+        Some((Store::Memory, s)) => (respan(quote! { #private::stores::Memory }, *s), *s),
         Some((Store::Custom(p), s)) => (quote! { #p }, *s),
     };
-    let store_text = args.store.as_ref().map(|(s, _)| s.name()).unwrap_or_else(|| "none".into());
+    let store_text = args
+        .store
+        .as_ref()
+        .map(|(s, _)| s.name())
+        .unwrap_or_else(|| "none".into());
 
     let topic = args.topic.as_ref().expect("checked: topic exists");
     let (name, name_is_default) = match &args.name {
@@ -146,7 +250,10 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
     };
     let lease = ms(args.lease.map(|l| l.0).unwrap_or(30_000));
     let retries = args.retries.unwrap_or(3);
-    let (bmin, bmax) = args.backoff.map(|(a, b)| (a.0, b.0)).unwrap_or((100, 30_000));
+    let (bmin, bmax) = args
+        .backoff
+        .map(|(a, b)| (a.0, b.0))
+        .unwrap_or((100, 30_000));
     let (bmin, bmax) = (ms(bmin), ms(bmax));
     let dead_letter = match &args.dead_letter {
         Some(d) => quote! { ::core::option::Option::Some(#d) },
@@ -178,13 +285,15 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
             let span = syn::spanned::Spanned::span(path);
             quote_spanned! {span=> #krate::KeyExtractor::<#payload>::extract(&#path, __d, __p) }
         }
-        (None, None) => quote! { #krate::KeyExtractor::<#payload>::extract(&#private::MessageId, __d, __p) },
+        (None, None) => {
+            quote! { #krate::KeyExtractor::<#payload>::extract(&#private::MessageId, __d, __p) }
+        }
     };
 
     let fingerprint = args.fingerprint.as_ref().map(|fields| {
         let adds = fields.iter().map(|(path, span)| {
-            let access = member_path(path);
-            quote_spanned! {*span=> __f.field(&__p #access); }
+            let access = field_access(path, *span);
+            quote_spanned! {*span=> __f.field(&#access); }
         });
         quote! {
             fn fingerprint(&self, _d: &#krate::Delivery, __p: &#payload) -> #krate::Fingerprint {
@@ -201,10 +310,6 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
         Param::Ack => quote_spanned! {*span=> __ack },
         Param::Delivery => quote_spanned! {*span=> __delivery },
     });
-    let payload_span = syn::spanned::Spanned::span(payload);
-    let assert_payload = quote_spanned! {payload_span=> #private::assert_payload::<#payload>(); };
-    let assert_store = quote_spanned! {store_span=> #private::assert_store::<#store_ty>(); };
-    let assert_tx = sig.tx.map(|span| quote_spanned! {span=> #private::assert_transactional::<#store_ty>(); });
     let call_span = fn_name.span();
     let call = quote_spanned! {call_span=>
         #[allow(unused_variables)]
@@ -219,16 +324,59 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
         }
     };
 
+    // The payload and store requirements. A wrong type must give one error,
+    // at its token, not one per place the handler type uses it. So the
+    // impl states them as where clauses (inside `for<'__idem>`, which keeps
+    // rustc from rejecting a false bound on a concrete type right there)
+    // and nothing inside the impl is checked against them. They are proven
+    // once each, in a chain of calls: the payload at the payload's span,
+    // then the store (the payload known good) at the store's span. Each
+    // link repeats its bound as `assert_*::<T>()` at the same span first:
+    // rustc reports the bound once, from the runtime's documented assert.
+    let payload_bound = quote_spanned! {payload_span=> for<'__idem> #payload: #krate::Payload };
+    let store_bound = quote_spanned! {store_span=> for<'__idem> #store_ty: #krate::DedupStore };
+    let at = |(first, last): (Span, Span), fn_name: &str| {
+        let ty = respan(ty.to_token_stream(), first);
+        let f = format_ident!("{}", fn_name, span = last);
+        quote_spanned! {last=> #ty::#f() }
+    };
+    let payload_at = first_last(payload);
+    let check_payload = at(payload_at, "__idem_payload_checked");
+    let assert_payload = respan(quote! { #private::assert_payload }, payload_at.0);
+    let store_at = first_last(&store_ty);
+    let check_store = at(store_at, "__idem_store_checked");
+    let assert_store = respan(quote! { #private::assert_store }, store_at.0);
+    // A `tx` parameter needs a transactional store. The store type is
+    // spelled `<S as __IdemSame>::This` (= S) so that the turbofish, which
+    // rustc points at, can carry the span of the whole parameter.
+    let tx_check = sig.tx.as_ref().map(|tx| {
+        let (first, last) = first_last(&tx.tokens);
+        let lt = quote_spanned! {first=> < };
+        let this = quote_spanned! {last=> >::This };
+        let assert_tx = respan(quote! { #private::assert_transactional }, first);
+        quote! {
+            trait __IdemSame {
+                type This: ?::core::marker::Sized;
+            }
+            impl<T: ?::core::marker::Sized> __IdemSame for T {
+                type This = T;
+            }
+            const _: () = #assert_tx::<#lt #store_ty as __IdemSame #this>();
+        }
+    });
+
     quote! {
         #[doc(hidden)]
         const _: () = {
-            const _: () = { #assert_payload #assert_store #assert_tx };
-
             #[allow(non_camel_case_types)]
             #[derive(Default)]
             struct #ty;
 
-            impl #krate::HandlerFn for #ty {
+            impl #krate::HandlerFn for #ty
+            where
+                #payload_bound,
+                #store_bound,
+            {
                 type Payload = #payload;
                 type Store = #store_ty;
                 type Result = #output;
@@ -260,7 +408,31 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
                 #call
             }
 
-            #private::inventory::submit! { #private::HandlerDescriptor::of::<#ty>() }
+            impl #ty {
+                const fn __idem_payload_checked() -> #private::HandlerDescriptor
+                where
+                    #payload_bound,
+                {
+                    #assert_store::<#store_ty>();
+                    #check_store
+                }
+                const fn __idem_store_checked() -> #private::HandlerDescriptor
+                where
+                    #payload_bound,
+                    #store_bound,
+                {
+                    #private::HandlerDescriptor::of::<#ty>()
+                }
+            }
+
+            #tx_check
+
+            #private::inventory::submit! {
+                {
+                    #assert_payload::<#payload>();
+                    #check_payload
+                }
+            }
         };
     }
 }

@@ -3,7 +3,8 @@
 //! ack token, `&Delivery` the delivery, and the one by-value parameter left
 //! is the payload.
 
-use proc_macro2::Span;
+use proc_macro2::{Span, TokenStream};
+use quote::ToTokens;
 use syn::spanned::Spanned;
 use syn::{FnArg, ItemFn, Type};
 
@@ -16,18 +17,25 @@ pub(crate) enum Param {
     Delivery,
 }
 
+/// A parameter as written (`name: Type`), for errors that underline it.
+pub(crate) struct ParamLoc {
+    pub(crate) tokens: TokenStream,
+}
+
 pub(crate) struct Signature {
     /// The parameters in order, with their types' spans.
     pub(crate) params: Vec<(Param, Span)>,
     pub(crate) payload: Option<Type>,
-    pub(crate) tx: Option<Span>,
-    pub(crate) ack: Option<Span>,
+    pub(crate) tx: Option<ParamLoc>,
+    pub(crate) ack: Option<ParamLoc>,
     pub(crate) output: Option<Type>,
 }
 
 fn last_segment_is(ty: &Type, name: &str) -> bool {
     match ty {
-        Type::Path(p) => p.qself.is_none() && p.path.segments.last().is_some_and(|s| s.ident == name),
+        Type::Path(p) => {
+            p.qself.is_none() && p.path.segments.last().is_some_and(|s| s.ident == name)
+        }
         Type::Group(g) => last_segment_is(&g.elem, name),
         Type::Paren(p) => last_segment_is(&p.elem, name),
         _ => false,
@@ -38,7 +46,10 @@ impl Signature {
     pub(crate) fn read(f: &ItemFn, errors: &mut Errors) -> Signature {
         let sig = &f.sig;
         if sig.asyncness.is_none() {
-            errors.at(sig.fn_token.span, "#[idempotent] handlers must be `async fn`: add `async` before `fn`");
+            errors.at(
+                sig.fn_token.span,
+                "#[idempotent] handlers must be `async fn`: add `async` before `fn`",
+            );
         }
         if !sig.generics.params.is_empty() {
             errors.at(sig.generics.span(), "#[idempotent] handlers cannot be generic: the runtime needs one concrete payload type");
@@ -46,23 +57,38 @@ impl Signature {
         if let Some(v) = &sig.variadic {
             errors.at(v.span(), "#[idempotent] handlers cannot be variadic");
         }
-        let mut out = Signature { params: Vec::new(), payload: None, tx: None, ack: None, output: None };
+        let mut out = Signature {
+            params: Vec::new(),
+            payload: None,
+            tx: None,
+            ack: None,
+            output: None,
+        };
         for input in &sig.inputs {
             let pat = match input {
                 FnArg::Receiver(r) => {
-                    errors.at(r.span(), "#[idempotent] handlers are free functions, not methods: remove `self`");
+                    errors.at(
+                        r.span(),
+                        "#[idempotent] handlers are free functions, not methods: remove `self`",
+                    );
                     continue;
                 }
                 FnArg::Typed(pat) => pat,
             };
             let ty = &*pat.ty;
             let span = ty.span();
+            let loc = ParamLoc {
+                tokens: pat.to_token_stream(),
+            };
+            let mut delivery = None;
             let (param, slot) = match ty {
                 Type::Reference(r) if r.mutability.is_some() => (Param::Tx, &mut out.tx),
-                Type::Reference(r) if last_segment_is(&r.elem, "Delivery") => (Param::Delivery, &mut None),
+                Type::Reference(r) if last_segment_is(&r.elem, "Delivery") => {
+                    (Param::Delivery, &mut delivery)
+                }
                 Type::Reference(_) => {
-                    errors.at(
-                        span,
+                    errors.spanned(
+                        ty,
                         "unsupported parameter: the payload is taken by value; `&mut idem::Tx<'_>` is the transaction, `&idem::Delivery` the delivery",
                     );
                     continue;
@@ -70,8 +96,8 @@ impl Signature {
                 t if last_segment_is(t, "Ack") => (Param::Ack, &mut out.ack),
                 _ => {
                     if out.payload.is_some() {
-                        errors.at(
-                            span,
+                        errors.spanned(
+                            pat,
                             "a handler takes one payload parameter; the others must be `tx: &mut idem::Tx<'_>`, `ack: idem::Ack` or `delivery: &idem::Delivery`",
                         );
                         continue;
@@ -82,10 +108,10 @@ impl Signature {
                 }
             };
             if slot.is_some() {
-                errors.at(span, "this kind of parameter is given twice; keep one");
+                errors.spanned(pat, "this kind of parameter is given twice; keep one");
                 continue;
             }
-            *slot = Some(span);
+            *slot = Some(loc);
             out.params.push((param, span));
         }
         if out.payload.is_none() {

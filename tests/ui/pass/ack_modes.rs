@@ -27,13 +27,22 @@ async fn ack_auto(order: OrderPlaced, tx: &mut idem::Tx<'_>) -> Result<(), AppEr
 }
 
 #[idem::idempotent(topic = "orders", key = "order_id", store = "sqlite", ack = "manual")]
-async fn ack_manual(order: OrderPlaced, tx: &mut idem::Tx<'_>, ack: idem::Ack) -> Result<(), AppError> {
+async fn ack_manual(
+    order: OrderPlaced,
+    tx: &mut idem::Tx<'_>,
+    ack: idem::Ack,
+) -> Result<(), AppError> {
     let _ = (order, tx);
     ack.ack();
     Ok(())
 }
 
-#[idem::idempotent(topic = "orders", key = "order_id", store = "memory", ack = "manual_immediate")]
+#[idem::idempotent(
+    topic = "orders",
+    key = "order_id",
+    store = "memory",
+    ack = "manual_immediate"
+)]
 async fn ack_manual_immediate(ack: idem::Ack, order: OrderPlaced) -> Result<(), AppError> {
     if order.order_id == 0 {
         ack.nack();

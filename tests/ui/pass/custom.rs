@@ -16,7 +16,11 @@ impl std::fmt::Display for AppError {
 
 #[idem::idempotent(topic = "orders", key = "order_id", store = "memory")]
 async fn with_delivery(order: OrderPlaced, delivery: &idem::Delivery) -> Result<(), AppError> {
-    let _ = (order.order_id, delivery.attempt, delivery.header("traceparent"));
+    let _ = (
+        order.order_id,
+        delivery.attempt,
+        delivery.header("traceparent"),
+    );
     Ok(())
 }
 

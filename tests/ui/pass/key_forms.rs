@@ -83,7 +83,12 @@ async fn by_extractor(order: OrderPlaced) -> Result<(), AppError> {
     Ok(())
 }
 
-#[idem::idempotent(topic = "orders", key = "coupon", on_missing_key = "dead_letter", store = "memory")]
+#[idem::idempotent(
+    topic = "orders",
+    key = "coupon",
+    on_missing_key = "dead_letter",
+    store = "memory"
+)]
 async fn by_optional_field(order: OrderPlaced) -> Result<(), AppError> {
     let _ = order;
     Ok(())
