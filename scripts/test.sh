@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Server-backed tests fail (never skip) without their servers: make sure
+# they are up (starts or installs what is missing; see the script).
+./scripts/services.sh
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy (all targets, all features, -D warnings)"

@@ -25,7 +25,7 @@ pub use key::{Key, KeyError, KeyExtractor};
 pub use metrics::Stats;
 pub use runtime::{BuildError, Registry, Runtime, RuntimeBuilder, Stores};
 pub use source::{DeadLetter, Source, SourceError, Subscription};
-#[cfg(feature = "sqlite")]
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use store::sql::Tx;
 pub use store::{DedupStore, NoStore, NoTx, StoreError, TransactionalStore};
 pub use tokio_util::sync::CancellationToken;
@@ -51,12 +51,29 @@ pub mod __private {
         pub struct Sqlite_RequiresIdemFeature_sqlite;
         #[cfg(not(feature = "sqlite"))]
         pub use Sqlite_RequiresIdemFeature_sqlite as Sqlite;
+        #[cfg(feature = "postgres")]
+        pub use crate::store::postgres::PostgresStore as Postgres;
         /// Placeholder: enable the `postgres` feature of idem.
+        #[cfg(not(feature = "postgres"))]
         pub struct Postgres_RequiresIdemFeature_postgres;
+        #[cfg(not(feature = "postgres"))]
         pub use Postgres_RequiresIdemFeature_postgres as Postgres;
         /// Placeholder: enable the `redis` feature of idem.
         pub struct Redis_RequiresIdemFeature_redis;
         pub use Redis_RequiresIdemFeature_redis as Redis;
+    }
+
+    /// The database type a `store = "postgres"` handler's `Tx<'_>` is
+    /// completed with (a placeholder when the feature is off).
+    pub mod db {
+        #[cfg(feature = "postgres")]
+        pub use sqlx::Postgres;
+        /// Placeholder: enable the `postgres` feature of idem.
+        #[cfg(not(feature = "postgres"))]
+        #[allow(non_camel_case_types)]
+        pub struct Postgres_RequiresIdemFeature_postgres;
+        #[cfg(not(feature = "postgres"))]
+        pub use Postgres_RequiresIdemFeature_postgres as Postgres;
     }
 
     /// Compile-time check that a store hands the handler a transaction.

@@ -11,6 +11,12 @@ use std::time::Duration;
 use crate::delivery::Delivery;
 
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
+#[cfg(feature = "redis-streams")]
+pub mod redis_streams;
 
 /// What a handler subscribes to.
 #[derive(Debug, Clone, Copy)]

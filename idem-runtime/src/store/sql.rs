@@ -5,6 +5,17 @@ use std::ops::{Deref, DerefMut};
 
 use super::StoreError;
 
+/// The database `Tx<'_>` means when none is named: SQLite when the `sqlite`
+/// feature is on, PostgreSQL otherwise. `#[idempotent(store = "postgres")]`
+/// fills in `Postgres` for a `&mut idem::Tx<'_>` parameter, so handlers need
+/// not name it; outside handlers, write `Tx<'_, sqlx::Postgres>`.
+#[cfg(feature = "sqlite")]
+pub type DefaultDb = sqlx::Sqlite;
+/// The database `Tx<'_>` means when none is named: SQLite when the `sqlite`
+/// feature is on, PostgreSQL otherwise.
+#[cfg(not(feature = "sqlite"))]
+pub type DefaultDb = sqlx::Postgres;
+
 /// The handler's transaction: its writes and the dedup record commit together.
 ///
 /// Derefs to the database connection, so sqlx queries run on it directly:
@@ -20,7 +31,7 @@ use super::StoreError;
 ///
 /// Do not commit or roll back yourself: idem commits after the handler
 /// returns `Ok` (and only then acks), and rolls back on `Err` or panic.
-pub struct Tx<'c, DB: sqlx::Database = sqlx::Sqlite> {
+pub struct Tx<'c, DB: sqlx::Database = DefaultDb> {
     inner: sqlx::Transaction<'c, DB>,
 }
 

@@ -1,0 +1,1 @@
+//! nats source. (Work in progress: issue 6.)

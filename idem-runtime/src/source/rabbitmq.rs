@@ -1,0 +1,1 @@
+//! rabbitmq source. (Work in progress: issue 6.)

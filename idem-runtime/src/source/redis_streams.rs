@@ -1,0 +1,1 @@
+//! redis_streams source. (Work in progress: issue 6.)

@@ -1,0 +1,2 @@
+//! `store = "redis"`: leases with expiry and cached results in Redis.
+//! (Work in progress: issue 5.)

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Makes sure the servers the test suite talks to are up: PostgreSQL, Redis,
+# RabbitMQ and NATS (JetStream). For each one: if it answers, nothing is done;
+# if it is installed but stopped, it is started; if it is not installed, it is
+# installed from Debian's packages and started. Exits non-zero when a server
+# still does not answer: the server-backed tests must fail, never skip.
+#
+# Addresses come from the same env vars the tests read (defaults in brackets):
+# DATABASE_URL [postgres://postgres@127.0.0.1:5432/postgres], REDIS_URL
+# [redis://127.0.0.1:6379], AMQP_URL [amqp://guest:guest@127.0.0.1:5672/%2f],
+# NATS_URL [nats://127.0.0.1:4222]. Only local default ports are started here.
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+APT_UPDATED=0
+
+say() { echo "== services: $*"; }
+
+port_open() { # host port
+  (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && exec 3>&- 3<&- 2>/dev/null
+}
+
+wait_port() { # name host port seconds
+  local i
+  for ((i = 0; i < $4 * 10; i++)); do
+    if port_open "$2" "$3"; then return 0; fi
+    sleep 0.1
+  done
+  echo "!! $1 does not answer on $2:$3 after $4 s" >&2
+  return 1
+}
+
+apt_install() {
+  if [ "$APT_UPDATED" -eq 0 ]; then
+    $SUDO apt-get update -qq
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@"
+}
+
+ensure_postgres() {
+  if port_open 127.0.0.1 5432; then say "postgresql up"; return; fi
+  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+    say "installing postgresql"
+    apt_install postgresql postgresql-contrib
+  fi
+  local version
+  version=$(ls /etc/postgresql | sort -V | tail -1)
+  # Trust auth on loopback, as on our machines (tests connect as postgres).
+  local hba="/etc/postgresql/$version/main/pg_hba.conf"
+  if ! grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
+    $SUDO sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\nlocal all all trust' "$hba"
+  fi
+  say "starting postgresql $version"
+  $SUDO pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  wait_port postgresql 127.0.0.1 5432 30
+}
+
+ensure_redis() {
+  if port_open 127.0.0.1 6379; then say "redis up"; return; fi
+  command -v redis-server >/dev/null || { say "installing redis"; apt_install redis-server; }
+  say "starting redis"
+  $SUDO mkdir -p /var/lib/redis /var/log/redis
+  $SUDO redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" \
+    --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  wait_port redis 127.0.0.1 6379 20
+}
+
+ensure_rabbitmq() {
+  if port_open 127.0.0.1 5672; then say "rabbitmq up"; return; fi
+  command -v rabbitmq-server >/dev/null || { say "installing rabbitmq"; apt_install rabbitmq-server; }
+  say "starting rabbitmq"
+  $SUDO rabbitmq-server -detached || true
+  wait_port rabbitmq 127.0.0.1 5672 90
+}
+
+ensure_nats() {
+  if port_open 127.0.0.1 4222; then say "nats up"; return; fi
+  command -v nats-server >/dev/null || { say "installing nats-server"; apt_install nats-server; }
+  say "starting nats-server with JetStream"
+  $SUDO mkdir -p /var/lib/nats-server
+  $SUDO start-stop-daemon --start --oknodo --background --exec "$(command -v nats-server)" -- \
+    -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+  wait_port nats 127.0.0.1 4222 20
+}
+
+ensure_postgres
+ensure_redis
+ensure_rabbitmq
+ensure_nats
