@@ -29,8 +29,65 @@ pub(crate) fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
         let e = errors.into_compile_errors();
         return quote! { #f #e };
     }
+    let mut f = f;
+    if let Some((store, _)) = &args.store {
+        complete_tx_type(&mut f, store, &private_path(&args));
+    }
     let generated = generate(&args, &sig, &f);
     quote! { #f #generated }
+}
+
+/// `::idem` or the `crate = …` path.
+fn krate(args: &Args) -> TokenStream {
+    args.krate
+        .as_ref()
+        .map(|p| quote! { #p })
+        .unwrap_or_else(|| quote! { ::idem })
+}
+
+fn private_path(args: &Args) -> TokenStream {
+    let krate = krate(args);
+    quote! { #krate::__private }
+}
+
+/// `tx: &mut idem::Tx<'_>` names no database; with a built-in SQL store the
+/// macro completes it (`Tx<'_, Postgres>` for `store = "postgres"`), so the
+/// handler reads the same whichever SQL store it uses. A `Tx` that already
+/// names its database is left alone (a mismatch is then a type error).
+fn complete_tx_type(f: &mut ItemFn, store: &Store, private: &TokenStream) {
+    let db = match store {
+        Store::Sqlite => quote! { Sqlite },
+        Store::Postgres => quote! { Postgres },
+        _ => return,
+    };
+    for input in &mut f.sig.inputs {
+        let syn::FnArg::Typed(pat) = input else {
+            continue;
+        };
+        let syn::Type::Reference(r) = &mut *pat.ty else {
+            continue;
+        };
+        if r.mutability.is_none() {
+            continue;
+        }
+        let syn::Type::Path(path) = &mut *r.elem else {
+            continue;
+        };
+        let Some(last) = path.path.segments.last_mut() else {
+            continue;
+        };
+        if last.ident != "Tx" {
+            continue;
+        }
+        if let syn::PathArguments::AngleBracketed(args) = &mut last.arguments
+            && args.args.len() == 1
+            && matches!(args.args[0], syn::GenericArgument::Lifetime(_))
+        {
+            let span = last.ident.span();
+            let ty = respan(quote! { #private::db::#db }, span);
+            args.args.push(syn::parse_quote!(#ty));
+        }
+    }
 }
 
 /// Checks that need both the arguments and the signature. `attr` is the
@@ -204,11 +261,7 @@ fn extractor(
 }
 
 fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
-    let krate = args
-        .krate
-        .as_ref()
-        .map(|p| quote! { #p })
-        .unwrap_or_else(|| quote! { ::idem });
+    let krate = krate(args);
     let private = quote! { #krate::__private };
     let fn_name = &f.sig.ident;
     let fn_text = fn_name.to_string();

@@ -11,6 +11,7 @@ pub mod handler;
 pub mod key;
 pub mod metrics;
 mod process;
+pub mod redact;
 pub mod runtime;
 pub mod source;
 pub mod store;
@@ -27,6 +28,8 @@ pub use runtime::{BuildError, Registry, Runtime, RuntimeBuilder, Stores};
 pub use source::{DeadLetter, Source, SourceError, Subscription};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use store::sql::Tx;
+#[cfg(feature = "postgres")]
+pub use store::postgres;
 pub use store::{DedupStore, NoStore, NoTx, StoreError, TransactionalStore};
 pub use tokio_util::sync::CancellationToken;
 
@@ -63,9 +66,17 @@ pub mod __private {
         pub use Redis_RequiresIdemFeature_redis as Redis;
     }
 
-    /// The database type a `store = "postgres"` handler's `Tx<'_>` is
-    /// completed with (a placeholder when the feature is off).
+    /// The database type a `store = "postgres"` / `"sqlite"` handler's
+    /// `Tx<'_>` is completed with (a placeholder when the feature is off).
     pub mod db {
+        #[cfg(feature = "sqlite")]
+        pub use sqlx::Sqlite;
+        /// Placeholder: enable the `sqlite` feature of idem.
+        #[cfg(not(feature = "sqlite"))]
+        #[allow(non_camel_case_types)]
+        pub struct Sqlite_RequiresIdemFeature_sqlite;
+        #[cfg(not(feature = "sqlite"))]
+        pub use Sqlite_RequiresIdemFeature_sqlite as Sqlite;
         #[cfg(feature = "postgres")]
         pub use sqlx::Postgres;
         /// Placeholder: enable the `postgres` feature of idem.

@@ -274,7 +274,40 @@ impl<H: HandlerFn> Bound<H> {
                 }
             }
         }
-        let idx: Vec<usize> = (0..ds.len()).filter(|i| prepared[*i].is_some()).collect();
+        // Take the payloads out; the requests borrow only keys and ids.
+        let mut payloads: Vec<Option<H::Payload>> = Vec::with_capacity(ds.len());
+        let mut keys = Vec::with_capacity(ds.len());
+        for p in prepared {
+            match p {
+                Some(Prepared {
+                    payload,
+                    key,
+                    fingerprint,
+                }) => {
+                    payloads.push(Some(payload));
+                    keys.push(Some((key, fingerprint)));
+                }
+                None => {
+                    payloads.push(None);
+                    keys.push(None);
+                }
+            }
+        }
+        // A key twice in one batch (a producer retry fetched together with
+        // its original): only the first copy is claimed and run. The others
+        // wait for it like for any claim in progress, and then find the key
+        // done, or free again if the first copy failed.
+        let mut seen = std::collections::HashSet::with_capacity(ds.len());
+        let idx: Vec<usize> = (0..ds.len())
+            .filter(|&i| match &keys[i] {
+                Some((key, _)) if seen.insert(key.as_str()) => true,
+                Some(_) => {
+                    outcomes[i] = Some(Outcome::Busy(Duration::ZERO));
+                    false
+                }
+                None => false,
+            })
+            .collect();
         if idx.is_empty() {
             return outcomes
                 .into_iter()
@@ -292,25 +325,6 @@ impl<H: HandlerFn> Bound<H> {
             Ok(tx) => tx,
             Err(e) => return store_down(&e, outcomes),
         };
-        // Take the payloads out; the requests borrow only keys and ids.
-        let mut payloads: Vec<Option<H::Payload>> = Vec::with_capacity(ds.len());
-        let mut keys = Vec::with_capacity(ds.len());
-        for p in prepared.iter_mut() {
-            match p.take() {
-                Some(Prepared {
-                    payload,
-                    key,
-                    fingerprint,
-                }) => {
-                    payloads.push(Some(payload));
-                    keys.push(Some((key, fingerprint)));
-                }
-                None => {
-                    payloads.push(None);
-                    keys.push(None);
-                }
-            }
-        }
         let requests: Vec<ClaimRequest<'_>> = idx
             .iter()
             .map(|&i| {
@@ -337,6 +351,20 @@ impl<H: HandlerFn> Bound<H> {
                 return store_down(&e, outcomes);
             }
         };
+        // Every claim taken, so that a store failure part-way releases them
+        // all (a lease store would otherwise hold them until they expire).
+        let taken: Vec<Claimed<'_>> = claims
+            .iter()
+            .enumerate()
+            .filter_map(|(r, c)| match c {
+                Claim::New { token } => Some(Claimed {
+                    request: &requests[r],
+                    token: *token,
+                    result: None,
+                }),
+                _ => None,
+            })
+            .collect();
         let mut done_results: Vec<(usize, u64, Option<String>)> = Vec::new();
         let mut failed: Vec<(usize, u64)> = Vec::new();
         for (r, claim) in claims.into_iter().enumerate() {
@@ -356,7 +384,7 @@ impl<H: HandlerFn> Bound<H> {
             let (ok, detail) = match item {
                 Ok(v) => v,
                 Err(e) => {
-                    let _ = store.rollback(tx, &[]).await;
+                    let _ = store.rollback(tx, &taken).await;
                     return store_down(&e, outcomes);
                 }
             };
@@ -378,7 +406,7 @@ impl<H: HandlerFn> Bound<H> {
         if !failed_claims.is_empty() {
             let unclaimed = store.unclaim(&mut tx, &failed_claims).await;
             if let Err(e) = unclaimed {
-                let _ = store.rollback(tx, &[]).await;
+                let _ = store.rollback(tx, &taken).await;
                 return store_down(&e, outcomes);
             }
         }

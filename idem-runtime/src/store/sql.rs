@@ -77,6 +77,32 @@ impl<DB: sqlx::Database> std::fmt::Debug for Tx<'_, DB> {
     }
 }
 
+/// Rolls the transaction back (both SQL stores).
+pub(crate) async fn rollback<DB: sqlx::Database>(tx: Tx<'_, DB>) -> Result<(), sqlx::Error> {
+    tx.into_inner().rollback().await
+}
+
+/// Opens a savepoint for one batch item (both SQL stores).
+pub(crate) async fn nested<'t, DB: sqlx::Database>(
+    tx: &'t mut Tx<'_, DB>,
+) -> Result<Tx<'t, DB>, sqlx::Error> {
+    let inner = sqlx::Acquire::begin(&mut tx.inner).await?;
+    Ok(Tx::new(inner))
+}
+
+/// Releases (`commit`) or rolls back to the item's savepoint.
+pub(crate) async fn end_nested<DB: sqlx::Database>(
+    tx: Tx<'_, DB>,
+    commit: bool,
+) -> Result<(), sqlx::Error> {
+    let inner = tx.into_inner();
+    if commit {
+        inner.commit().await
+    } else {
+        inner.rollback().await
+    }
+}
+
 /// Checks a table (or schema) name before it is put into SQL text: ASCII
 /// letters, digits and `_`, not starting with a digit, at most 63 bytes.
 /// Anything else is rejected, not quoted: names come from configuration, and
@@ -119,12 +145,4 @@ pub(crate) fn map_err(store: &'static str, table: &str, e: sqlx::Error) -> Store
         };
     }
     StoreError::unavailable(store, e)
-}
-
-/// Milliseconds since the Unix epoch, for `created_at` / `expires_at`.
-pub(crate) fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

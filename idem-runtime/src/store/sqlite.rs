@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Acquire, AssertSqlSafe, Row, Sqlite, SqlitePool};
+use sqlx::{AssertSqlSafe, Row, Sqlite, SqlitePool};
 
-use super::sql::{Tx, map_err, now_millis, validate_identifier};
+use super::sql::{Tx, map_err, validate_identifier};
 use super::{Claim, ClaimRequest, Claimed, DedupStore, StoreError, TransactionalStore};
 use crate::fingerprint::Fingerprint;
 
@@ -243,7 +243,7 @@ impl DedupStore for SqliteStore {
         tx: Tx<'static, Sqlite>,
         _claimed: &[Claimed<'_>],
     ) -> Result<(), StoreError> {
-        tx.into_inner().rollback().await.map_err(|e| self.err(e))
+        super::sql::rollback(tx).await.map_err(|e| self.err(e))
     }
 
     async fn unclaim(
@@ -263,18 +263,13 @@ impl DedupStore for SqliteStore {
     }
 
     async fn nested<'t>(&self, tx: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, StoreError> {
-        let inner = tx.transaction().begin().await.map_err(|e| self.err(e))?;
-        Ok(Tx::new(inner))
+        super::sql::nested(tx).await.map_err(|e| self.err(e))
     }
 
     async fn end_nested(&self, tx: Self::Tx<'_>, commit: bool) -> Result<(), StoreError> {
-        let inner = tx.into_inner();
-        let r = if commit {
-            inner.commit().await
-        } else {
-            inner.rollback().await
-        };
-        r.map_err(|e| self.err(e))
+        super::sql::end_nested(tx, commit)
+            .await
+            .map_err(|e| self.err(e))
     }
 
     async fn purge_expired(&self, limit: u32) -> Result<u64, StoreError> {
@@ -289,3 +284,11 @@ impl DedupStore for SqliteStore {
 }
 
 impl TransactionalStore for SqliteStore {}
+
+/// Milliseconds since the Unix epoch, for `created_at` / `expires_at`.
+pub(crate) fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
