@@ -16,21 +16,35 @@ use crate::handler::{Backoff, HandlerDescriptor, HandlerMeta};
 use crate::metrics::Stats;
 use crate::process::ErasedHandler;
 use crate::source::{Source, SubscribeSpec};
-use crate::store::{DedupStore, NoStore};
+use crate::store::{DedupStore, NoStore, StoreError};
+use futures_util::future::BoxFuture;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub(crate) type BindFn =
     fn(&'static HandlerMeta, &Stores) -> Result<Arc<dyn ErasedHandler>, BuildError>;
+
+/// Deletes up to one batch of expired records of one store (type-erased).
+type Purger = Arc<dyn Fn(u32) -> BoxFuture<'static, Result<u64, StoreError>> + Send + Sync>;
 
 /// The dedup stores handlers can use, one per store type.
 #[derive(Default)]
 pub struct Stores {
     map: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
+    purgers: HashMap<TypeId, (&'static str, Purger)>,
 }
 
 impl Stores {
     /// Adds (or replaces) the store of type `S`.
     pub fn insert<S: DedupStore>(&mut self, store: S) {
-        self.map.insert(TypeId::of::<S>(), Arc::new(store));
+        let store = Arc::new(store);
+        let kind = store.kind();
+        let for_gc = store.clone();
+        let purger: Purger = Arc::new(move |batch| {
+            let store = for_gc.clone();
+            Box::pin(async move { crate::store::purge_all(&*store, batch).await })
+        });
+        self.purgers.insert(TypeId::of::<S>(), (kind, purger));
+        self.map.insert(TypeId::of::<S>(), store);
     }
 
     pub(crate) fn get<S: DedupStore>(&self) -> Option<Arc<S>> {
@@ -181,6 +195,7 @@ pub struct RuntimeBuilder<S> {
     stores: Stores,
     only: Option<Vec<String>>,
     cfg: LoopConfig,
+    gc: Option<(Duration, u32)>,
 }
 
 impl<S: Source> RuntimeBuilder<S> {
@@ -220,6 +235,16 @@ impl<S: Source> RuntimeBuilder<S> {
         self
     }
 
+    /// Every `every`, deletes the expired dedup records (`ttl = …`) of each
+    /// registered store, `batch` rows per statement until none are left, and
+    /// logs how many (`Runtime::purged` counts them). Off by default; with
+    /// several processes, enabling it in one or all is both fine (SQL stores
+    /// skip rows another purge holds).
+    pub fn purge_expired_every(mut self, every: Duration, batch: u32) -> Self {
+        self.gc = Some((every, batch.max(1)));
+        self
+    }
+
     /// Binds every handler to its store.
     pub fn build(self) -> Result<Runtime<S>, BuildError> {
         let registry = Registry::from_inventory()?;
@@ -253,10 +278,20 @@ impl<S: Source> RuntimeBuilder<S> {
             }
             handlers.push((desc.bind)(&desc.meta, &self.stores)?);
         }
+        let purgers = match self.gc {
+            Some(_) => self.stores.purgers.into_values().collect(),
+            None => Vec::new(),
+        };
         Ok(Runtime {
             source: Arc::new(self.source),
             handlers,
             cfg: self.cfg,
+            gc: self.gc.map(|(every, batch)| Gc {
+                every,
+                batch,
+                purgers,
+            }),
+            purged: Arc::new(AtomicU64::new(0)),
         })
     }
 }
@@ -275,6 +310,14 @@ pub struct Runtime<S> {
     source: Arc<S>,
     handlers: Vec<Arc<dyn ErasedHandler>>,
     cfg: LoopConfig,
+    gc: Option<Gc>,
+    purged: Arc<AtomicU64>,
+}
+
+struct Gc {
+    every: Duration,
+    batch: u32,
+    purgers: Vec<(&'static str, Purger)>,
 }
 
 impl<S> fmt::Debug for Runtime<S> {
@@ -299,6 +342,7 @@ impl Runtime<()> {
             source,
             stores: Stores::default(),
             only: None,
+            gc: None,
             cfg: LoopConfig {
                 concurrency: 16,
                 shutdown_timeout: Duration::from_secs(30),
@@ -328,9 +372,36 @@ impl<S: Source> Runtime<S> {
             .map(|h| h.metrics().snapshot())
     }
 
+    /// Expired dedup records deleted by the periodic purge so far.
+    pub fn purged(&self) -> u64 {
+        self.purged.load(Ordering::Relaxed)
+    }
+
     /// Runs until `stop` is cancelled, then shuts down gracefully.
     pub async fn run(&self, stop: CancellationToken) {
         let mut loops = tokio::task::JoinSet::new();
+        if let Some(gc) = &self.gc {
+            for (kind, purge) in &gc.purgers {
+                let (kind, purge, stop) = (*kind, purge.clone(), stop.clone());
+                let (every, batch, purged) = (gc.every, gc.batch, self.purged.clone());
+                loops.spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(every) => {}
+                        }
+                        match purge(batch).await {
+                            Ok(0) => tracing::debug!(store = kind, "no expired dedup records"),
+                            Ok(n) => {
+                                purged.fetch_add(n, Ordering::Relaxed);
+                                tracing::info!(store = kind, deleted = n, "purged expired dedup records");
+                            }
+                            Err(e) => tracing::warn!(store = kind, error = %e, "purging expired dedup records failed; trying again next period"),
+                        }
+                    }
+                });
+            }
+        }
         for handler in &self.handlers {
             let handler = handler.clone();
             let source = self.source.clone();

@@ -156,6 +156,33 @@ pub trait DedupStore: Send + Sync + 'static {
     }
 }
 
+/// Deletes expired records in batches of `batch` until a batch comes back
+/// short; returns how many it deleted. Each batch is its own short statement
+/// (SQL stores skip rows a consumer has locked), so no long lock is held.
+/// The runtime calls this periodically when
+/// [`RuntimeBuilder::purge_expired_every`](crate::RuntimeBuilder::purge_expired_every)
+/// is set; call it yourself from a maintenance job otherwise.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_runtime::StoreError> {
+/// let store = idem_runtime::store::memory::MemoryStore::new();
+/// assert_eq!(idem_runtime::store::purge_all(&store, 1000).await?, 0);
+/// # Ok(()) }
+/// ```
+pub async fn purge_all<S: DedupStore>(store: &S, batch: u32) -> Result<u64, StoreError> {
+    let batch = batch.max(1);
+    let mut total = 0;
+    loop {
+        let n = store.purge_expired(batch).await?;
+        total += n;
+        if n < u64::from(batch) {
+            return Ok(total);
+        }
+        // Let consumers in between batches.
+        tokio::task::yield_now().await;
+    }
+}
+
 /// A store that can hand the handler a transaction (`tx: &mut …`).
 /// Implemented by the SQL stores; a custom transactional store implements it
 /// to allow a `tx` parameter.
