@@ -97,13 +97,19 @@ mod tests {
     fn passwords_are_hidden() {
         for (url, want) in [
             ("redis://:pw@h:1", "redis://:***@h:1"),
-            ("amqp://guest:guest@127.0.0.1:5672/%2f", "amqp://guest:***@127.0.0.1:5672/%2f"),
+            (
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+                "amqp://guest:***@127.0.0.1:5672/%2f",
+            ),
             ("postgres://u:p%40ss@h/db?x=@", "postgres://u:***@h/db?x=@"),
             ("postgres://u@h/db", "postgres://u@h/db"),
             ("not a url", "not a url"),
         ] {
             assert_eq!(RedactedUrl(url).to_string(), want, "{url}");
         }
-        assert_eq!(redact_text("x p@ss y p%40ss", "postgres://u:p%40ss@h/db"), "x *** y ***");
+        assert_eq!(
+            redact_text("x p@ss y p%40ss", "postgres://u:p%40ss@h/db"),
+            "x *** y ***"
+        );
     }
 }

@@ -264,10 +264,11 @@ impl PostgresStore {
             .execute(sqlx::raw_sql(AssertSqlSafe(setup)))
             .await
             .map_err(|e| self.err(e))?;
-        let done: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(format!("SELECT version FROM {log}")))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(|e| self.err(e))?;
+        let done: Vec<i64> =
+            sqlx::query_scalar(AssertSqlSafe(format!("SELECT version FROM {log}")))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
         for (version, description, ddl) in migrations(schema, table) {
             if done.contains(&version) {
                 continue;
