@@ -13,6 +13,8 @@ use crate::delivery::Delivery;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(any(feature = "redis-streams", feature = "rabbitmq", feature = "nats"))]
+mod net;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 #[cfg(feature = "redis-streams")]
@@ -41,6 +43,19 @@ pub struct DeadLetter {
     pub attempts: u32,
     /// The handler that gave up on it.
     pub handler: String,
+}
+
+/// The header (or stream field) names idem writes on every dead letter,
+/// whatever the broker: tools that read a dead-letter queue can rely on them.
+pub mod dead_letter_headers {
+    /// Why the message was given up on (`undecodable payload: …`).
+    pub const REASON: &str = "idem-dead-letter-reason";
+    /// How many deliveries and retries it had.
+    pub const ATTEMPTS: &str = "idem-attempts";
+    /// The handler (consumer group) that gave up on it.
+    pub const HANDLER: &str = "idem-handler";
+    /// The message id it had on the original topic.
+    pub const ORIGINAL_ID: &str = "idem-original-id";
 }
 
 /// A broker connection that can open subscriptions.
@@ -113,5 +128,24 @@ pub enum SourceError {
     Closed {
         /// Which source.
         source_name: &'static str,
+    },
+    /// The broker refused an operation that retrying will not fix as is (a
+    /// queue declared with other arguments, a missing permission, …). The
+    /// message names the fix; the loop still backs off and retries, so the
+    /// fix takes effect without a restart.
+    #[error("{source_name} refused: {message}")]
+    Refused {
+        /// Which source.
+        source_name: &'static str,
+        /// What was refused, and how to fix it.
+        message: String,
+    },
+    /// The source is configured wrongly (an unparsable URL, an invalid name).
+    #[error("{source_name} misconfigured: {message}")]
+    Config {
+        /// Which source.
+        source_name: &'static str,
+        /// What is wrong, and how to fix it.
+        message: String,
     },
 }

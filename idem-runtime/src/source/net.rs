@@ -1,0 +1,344 @@
+//! What the network sources (Redis Streams, RabbitMQ, NATS JetStream) share:
+//! a connection that is re-established with backoff when it is lost, the set
+//! of deliveries a subscription holds with a keep-alive ticker for long
+//! handlers, and the dead-letter fields every broker writes.
+//!
+//! Not for broker specifics: each source supplies them through [`Connector`]
+//! and [`KeepAlive`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::dead_letter_headers as dlh;
+use super::{DeadLetter, SourceError};
+use crate::delivery::Delivery;
+use crate::handler::Backoff;
+
+/// The default delays between reconnection attempts.
+pub(crate) const RECONNECT_BACKOFF: Backoff = Backoff {
+    min: Duration::from_millis(100),
+    max: Duration::from_secs(5),
+};
+
+/// Locks a std mutex; every critical section below leaves the state
+/// consistent, so a poisoned lock (a panicking thread) is still usable.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The broker URL from `var`, or `default` when it is unset or empty.
+pub(crate) fn url_from_env(var: &str, default: &str) -> String {
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => v.trim().to_owned(),
+        _ => default.to_owned(),
+    }
+}
+
+/// Opens one broker connection (with whatever channels, consumers or
+/// streams ride on it). [`Reconnecting`] calls it again after a loss.
+pub(crate) trait Connector: Send + Sync + 'static {
+    /// What the source uses; cheap to clone (handles to shared state).
+    type Conn: Clone + Send + Sync + 'static;
+    /// The source's name in errors and logs.
+    const SOURCE: &'static str;
+    /// Connects; the error says what failed and how to fix it.
+    fn connect(&self) -> impl Future<Output = Result<Self::Conn, SourceError>> + Send;
+}
+
+/// A live connection and its generation: a receipt made on generation `n`
+/// means nothing to generation `n + 1` (AMQP delivery tags, say).
+#[derive(Clone)]
+pub(crate) struct Live<T> {
+    pub(crate) generation: u64,
+    pub(crate) conn: T,
+}
+
+struct State<T> {
+    current: Option<Live<T>>,
+    generation: u64,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+/// A connection that is opened lazily, dropped when an operation reports it
+/// lost, and opened again with exponential backoff.
+///
+/// `get` never sleeps: before the next allowed attempt it answers
+/// [`SourceError::Unavailable`] at once, and the consumer loop backs off on
+/// its side. One caller connects at a time; the others wait for its result.
+pub(crate) struct Reconnecting<C: Connector> {
+    connector: C,
+    backoff: Backoff,
+    state: Mutex<State<C::Conn>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl<C: Connector> Reconnecting<C> {
+    pub(crate) fn new(connector: C, backoff: Backoff) -> Self {
+        Reconnecting {
+            connector,
+            backoff,
+            state: Mutex::new(State {
+                current: None,
+                generation: 0,
+                failures: 0,
+                retry_at: None,
+            }),
+            connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub(crate) fn connector(&self) -> &C {
+        &self.connector
+    }
+
+    fn current(&self) -> Option<Live<C::Conn>> {
+        lock(&self.state).current.clone()
+    }
+
+    /// The live connection, connecting first if there is none.
+    pub(crate) async fn get(&self) -> Result<Live<C::Conn>, SourceError> {
+        if let Some(live) = self.current() {
+            return Ok(live);
+        }
+        let _gate = self.connecting.lock().await;
+        {
+            let st = lock(&self.state);
+            if let Some(live) = &st.current {
+                return Ok(live.clone());
+            }
+            if let Some(at) = st.retry_at {
+                let now = Instant::now();
+                if now < at {
+                    return Err(SourceError::Unavailable {
+                        source_name: C::SOURCE,
+                        message: format!(
+                            "not connected; next connection attempt in {:?} (after {} failed attempts)",
+                            at - now,
+                            st.failures
+                        ),
+                    });
+                }
+            }
+        }
+        match self.connector.connect().await {
+            Ok(conn) => {
+                let mut st = lock(&self.state);
+                st.generation += 1;
+                if st.generation > 1 || st.failures > 0 {
+                    tracing::info!(
+                        source = C::SOURCE,
+                        generation = st.generation,
+                        "reconnected"
+                    );
+                }
+                st.failures = 0;
+                st.retry_at = None;
+                let live = Live {
+                    generation: st.generation,
+                    conn,
+                };
+                st.current = Some(live.clone());
+                Ok(live)
+            }
+            Err(e) => {
+                let mut st = lock(&self.state);
+                st.failures = st.failures.saturating_add(1);
+                let delay = self.backoff.delay(st.failures);
+                st.retry_at = Some(Instant::now() + delay);
+                tracing::warn!(source = C::SOURCE, error = %e, retry_in = ?delay, "connection attempt failed");
+                Err(e)
+            }
+        }
+    }
+
+    /// Reports generation `generation` lost; the next `get` reconnects.
+    /// A report about an older generation is ignored.
+    pub(crate) fn lost(&self, generation: u64, why: &dyn fmt::Display) {
+        let mut st = lock(&self.state);
+        if st
+            .current
+            .as_ref()
+            .is_some_and(|l| l.generation == generation)
+        {
+            st.current = None;
+            tracing::warn!(source = C::SOURCE, error = %why, "connection lost; reconnecting with backoff");
+        }
+    }
+}
+
+/// The deliveries a subscription holds (fetched, not yet settled), by a
+/// broker handle (stream entry id, ack subject), with the time each was last
+/// fetched or kept alive.
+#[derive(Default)]
+pub(crate) struct InFlight {
+    map: Mutex<HashMap<Arc<str>, Instant>>,
+}
+
+impl InFlight {
+    pub(crate) fn insert_all<'a>(&self, handles: impl IntoIterator<Item = &'a Arc<str>>) {
+        let now = Instant::now();
+        let mut map = lock(&self.map);
+        for h in handles {
+            map.insert(h.clone(), now);
+        }
+    }
+
+    pub(crate) fn remove(&self, handle: &str) -> bool {
+        lock(&self.map).remove(handle).is_some()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.map).len()
+    }
+
+    /// The handles not touched for `older_than`, marked as touched now.
+    fn take_stale(&self, older_than: Duration) -> Vec<Arc<str>> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (h, touched) in lock(&self.map).iter_mut() {
+            if now.duration_since(*touched) >= older_than {
+                *touched = now;
+                out.push(h.clone());
+            }
+        }
+        out
+    }
+}
+
+/// Tells the broker that held deliveries are still being worked on, so it
+/// does not hand them to another consumer (JetStream `+WPI`, Redis `XCLAIM
+/// … JUSTID`).
+pub(crate) trait KeepAlive: Send + Sync + 'static {
+    fn keep_alive(&self, handles: Vec<Arc<str>>) -> impl Future<Output = ()> + Send;
+}
+
+/// A background task that lives as long as its subscription.
+pub(crate) struct Ticker(tokio::task::AbortHandle);
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Every `every`, keeps alive the deliveries of `in_flight` that were not
+/// touched for `older_than`. Stops when `target` is dropped.
+pub(crate) fn spawn_keep_alive<K: KeepAlive>(
+    target: Weak<K>,
+    in_flight: Arc<InFlight>,
+    every: Duration,
+    older_than: Duration,
+) -> Ticker {
+    let every = every.max(Duration::from_millis(50));
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(target) = target.upgrade() else {
+                return;
+            };
+            let stale = in_flight.take_stale(older_than);
+            if !stale.is_empty() {
+                tracing::debug!(count = stale.len(), "keeping long-running deliveries alive");
+                target.keep_alive(stale).await;
+            }
+        }
+    });
+    Ticker(task.abort_handle())
+}
+
+/// The fields idem writes on a dead letter, whatever the broker: reason,
+/// attempts, handler and the original message id.
+pub(crate) fn dead_letter_fields(d: &Delivery, letter: &DeadLetter) -> [(&'static str, String); 4] {
+    [
+        (dlh::REASON, letter.reason.clone()),
+        (dlh::ATTEMPTS, letter.attempts.to_string()),
+        (dlh::HANDLER, letter.handler.clone()),
+        (dlh::ORIGINAL_ID, d.id.to_string()),
+    ]
+}
+
+/// Whether a header of the original message is one idem writes itself on a
+/// dead letter (it is replaced, not duplicated).
+pub(crate) fn is_dead_letter_field(name: &str) -> bool {
+    [dlh::REASON, dlh::ATTEMPTS, dlh::HANDLER, dlh::ORIGINAL_ID]
+        .iter()
+        .any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// A short text for logs from any error, with `url`'s password removed.
+pub(crate) fn redacted(error: &dyn fmt::Display, url: &str) -> String {
+    crate::redact::redact_text(&error.to_string(), url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    struct Flaky {
+        fail_first: u32,
+        calls: AtomicU32,
+    }
+
+    impl Connector for Flaky {
+        type Conn = u32;
+        const SOURCE: &'static str = "test";
+        async fn connect(&self) -> Result<u32, SourceError> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            if n < self.fail_first {
+                Err(SourceError::Unavailable {
+                    source_name: "test",
+                    message: "refused".into(),
+                })
+            } else {
+                Ok(n)
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconnects_after_backoff_and_ignores_stale_loss_reports() {
+        let r = Reconnecting::new(
+            Flaky {
+                fail_first: 1,
+                calls: AtomicU32::new(0),
+            },
+            Backoff {
+                min: Duration::from_secs(1),
+                max: Duration::from_secs(1),
+            },
+        );
+        assert!(r.get().await.is_err());
+        // Before the backoff ran out: no new attempt.
+        assert!(r.get().await.is_err());
+        assert_eq!(r.connector().calls.load(Ordering::SeqCst), 1);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let live = r.get().await.unwrap();
+        assert_eq!((live.generation, live.conn), (1, 1));
+        r.lost(0, &"stale");
+        assert_eq!(r.get().await.unwrap().generation, 1);
+        r.lost(1, &"reset by peer");
+        let live = r.get().await.unwrap();
+        assert_eq!((live.generation, live.conn), (2, 2));
+    }
+
+    #[test]
+    fn in_flight_hands_out_only_stale_handles() {
+        let f = InFlight::default();
+        f.insert_all([&Arc::<str>::from("a")]);
+        assert!(f.take_stale(Duration::from_secs(60)).is_empty());
+        assert_eq!(f.take_stale(Duration::ZERO).len(), 1);
+        assert!(f.remove("a"));
+        assert!(!f.remove("a"));
+        assert_eq!(f.len(), 0);
+    }
+}
