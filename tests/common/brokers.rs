@@ -465,6 +465,11 @@ pub struct Running<S: Source> {
 /// Builds a runtime over `source` for `handler` with a shared store and
 /// starts it in a task.
 pub fn start<S: Source>(source: TestSource<S>, store: &SqliteStore, handler: &str) -> Running<S> {
+    // RUST_LOG=idem=debug shows what the sources and the loop do.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let runtime = Runtime::builder(source)
         .store(store.clone())
         .handlers([handler])
@@ -799,6 +804,7 @@ pub async fn reconnect_after_restart<B: Broker>() {
         .await;
     server.kill();
     let acked_at_kill = probe.acked().len();
+    eprintln!("killed the {} server after {acked_at_kill} acks", B::NAME);
     tokio::time::sleep(Duration::from_secs(1)).await;
     server.restart().await;
     b.publish(&topic, &second).await;

@@ -93,6 +93,7 @@ impl<C: Connector> Reconnecting<C> {
         }
     }
 
+    #[cfg_attr(not(feature = "redis-streams"), allow(dead_code))]
     pub(crate) fn connector(&self) -> &C {
         &self.connector
     }
