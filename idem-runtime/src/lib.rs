@@ -26,10 +26,10 @@ pub use key::{Key, KeyError, KeyExtractor};
 pub use metrics::Stats;
 pub use runtime::{BuildError, Registry, Runtime, RuntimeBuilder, Stores};
 pub use source::{DeadLetter, Source, SourceError, Subscription};
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub use store::sql::Tx;
 #[cfg(feature = "postgres")]
 pub use store::postgres;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use store::sql::Tx;
 pub use store::{DedupStore, NoStore, NoTx, StoreError, TransactionalStore};
 pub use tokio_util::sync::CancellationToken;
 
@@ -52,18 +52,23 @@ pub mod __private {
         /// Placeholder: enable the `sqlite` feature of idem.
         #[cfg(not(feature = "sqlite"))]
         pub struct Sqlite_RequiresIdemFeature_sqlite;
-        #[cfg(not(feature = "sqlite"))]
-        pub use Sqlite_RequiresIdemFeature_sqlite as Sqlite;
         #[cfg(feature = "postgres")]
         pub use crate::store::postgres::PostgresStore as Postgres;
+        #[cfg(not(feature = "sqlite"))]
+        pub use Sqlite_RequiresIdemFeature_sqlite as Sqlite;
         /// Placeholder: enable the `postgres` feature of idem.
         #[cfg(not(feature = "postgres"))]
         pub struct Postgres_RequiresIdemFeature_postgres;
         #[cfg(not(feature = "postgres"))]
         pub use Postgres_RequiresIdemFeature_postgres as Postgres;
-        /// Placeholder: enable the `redis` feature of idem.
-        pub struct Redis_RequiresIdemFeature_redis;
+
+        #[cfg(feature = "redis")]
+        pub use crate::store::redis::RedisStore as Redis;
+        #[cfg(not(feature = "redis"))]
         pub use Redis_RequiresIdemFeature_redis as Redis;
+        /// Placeholder: enable the `redis` feature of idem.
+        #[cfg(not(feature = "redis"))]
+        pub struct Redis_RequiresIdemFeature_redis;
     }
 
     /// The database type a `store = "postgres"` / `"sqlite"` handler's
