@@ -14,6 +14,8 @@ echo "== cargo clippy (all targets, all features, -D warnings)"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 echo "== cargo test (unit, integration, trybuild UI, doctests)"
 cargo test --workspace --all-features --locked
+echo "== trybuild with default features (a store whose feature is off)"
+cargo test --locked --test ui_features_off
 echo "== cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --locked
 echo "== quickstart"
