@@ -176,3 +176,60 @@ async fn batch_item_failure_retries_only_that_item() {
     assert_eq!(c.get("attempt:k2"), Some(&2));
     assert_eq!(broker.dead_letters("batch.dlq").len(), 1);
 }
+
+// --- manual_immediate with a lease store: the ack goes out at ack.ack() ----
+
+static IMMEDIATE: Effects = Mutex::new(None);
+static RELEASE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+#[idempotent(
+    topic = "imm",
+    key = "order_id",
+    store = "memory",
+    name = "mem-immediate",
+    ack = "manual_immediate"
+)]
+async fn mem_immediate(o: Order, ack: idem::Ack) -> Result<(), String> {
+    record(&IMMEDIATE, &o.order_id);
+    ack.ack();
+    // Still running: the test only lets it finish once the broker has the ack.
+    RELEASE.notified().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn manual_immediate_with_lease_store_acks_when_the_handler_says_so() {
+    let broker = MemoryBroker::new();
+    let id = broker.publish("imm", Message::new(r#"{"order_id":"k1"}"#));
+    let rt = Runtime::builder(broker.clone())
+        .store(MemoryStore::new())
+        .handlers(["mem-immediate"])
+        .build()
+        .unwrap();
+    let stop = idem::CancellationToken::new();
+    let check = async {
+        // The handler is parked after ack.ack(): the Acked event must arrive
+        // while it is still running.
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                let acked = broker
+                    .events()
+                    .iter()
+                    .any(|e| matches!(e, BrokerEvent::Acked { id: i } if *i == id));
+                if acked {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the ack did not reach the broker while the handler was still running");
+        assert_eq!(rt.stats_of("mem-immediate").unwrap().in_flight, 1);
+        RELEASE.notify_one();
+        broker.wait_idle().await;
+        stop.cancel();
+    };
+    tokio::join!(rt.run(stop.clone()), check);
+    assert_eq!(counts(&IMMEDIATE).get("k1"), Some(&1));
+    assert_eq!(rt.stats_of("mem-immediate").unwrap().processed, 1);
+}

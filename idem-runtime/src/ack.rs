@@ -8,6 +8,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use tokio::sync::Notify;
+
 /// When the broker learns that a message is done (`ack = …`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AckMode {
@@ -18,8 +20,10 @@ pub enum AckMode {
     /// `manual`: the handler calls `ack.ack()`; acks are sent together when
     /// every message of the fetched batch is finished.
     Manual,
-    /// `manual_immediate`: the handler calls `ack.ack()`; the ack is sent as
-    /// soon as this message's store transaction committed.
+    /// `manual_immediate`: the handler calls `ack.ack()`. With a
+    /// transactional (SQL) store the ack is sent as soon as this message's
+    /// transaction committed (never before); with a lease store (memory,
+    /// Redis) or no store it is sent at the moment `ack.ack()` is called.
     ManualImmediate,
     /// `batch`: claim a fetched batch in one store round trip, run each item
     /// in its own savepoint, commit once, ack all successes in one call.
@@ -68,12 +72,22 @@ const NACKED: u8 = 2;
 #[must_use = "an Ack that is neither acked nor nacked rolls the message back and has it redelivered"]
 #[derive(Debug)]
 pub struct Ack {
-    slot: Option<Arc<AtomicU8>>,
+    slot: Option<Arc<Slot>>,
+}
+
+/// The decision, and a signal for whoever sends the ack at once.
+#[derive(Debug)]
+struct Slot {
+    state: AtomicU8,
+    decided: Notify,
 }
 
 impl Ack {
     pub(crate) fn new() -> (Ack, AckProbe) {
-        let slot = Arc::new(AtomicU8::new(UNDECIDED));
+        let slot = Arc::new(Slot {
+            state: AtomicU8::new(UNDECIDED),
+            decided: Notify::new(),
+        });
         (
             Ack {
                 slot: Some(slot.clone()),
@@ -99,14 +113,15 @@ impl Ack {
 
     fn set(&self, v: u8) {
         if let Some(slot) = &self.slot {
-            slot.store(v, Ordering::Release);
+            slot.state.store(v, Ordering::Release);
+            slot.decided.notify_one();
         }
     }
 }
 
 /// What the runtime reads back after the handler returned.
-#[derive(Debug)]
-pub(crate) struct AckProbe(Option<Arc<AtomicU8>>);
+#[derive(Debug, Clone)]
+pub(crate) struct AckProbe(Option<Arc<Slot>>);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AckDecision {
@@ -125,10 +140,24 @@ impl AckProbe {
     }
 
     pub(crate) fn decision(&self) -> AckDecision {
-        match self.0.as_ref().map(|s| s.load(Ordering::Acquire)) {
+        match self.0.as_ref().map(|s| s.state.load(Ordering::Acquire)) {
             None | Some(ACKED) => AckDecision::Acked,
             Some(NACKED) => AckDecision::Nacked,
             Some(_) => AckDecision::Dropped,
+        }
+    }
+
+    /// Completes when the handler calls `ack.ack()`; never for a nack or a
+    /// dropped token (the caller races it against the handler's end).
+    pub(crate) async fn acked(&self) {
+        let Some(slot) = &self.0 else {
+            return std::future::pending().await;
+        };
+        loop {
+            if slot.state.load(Ordering::Acquire) == ACKED {
+                return;
+            }
+            slot.decided.notified().await;
         }
     }
 }

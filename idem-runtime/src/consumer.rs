@@ -52,6 +52,25 @@ struct Job {
     _permit: OwnedSemaphorePermit,
 }
 
+/// A message the handler acked before it finished, and how it finished.
+struct AckedEarly(Outcome);
+
+impl AckedEarly {
+    fn report(self, metrics: &HandlerMetrics) {
+        match self.0 {
+            Outcome::Processed => HandlerMetrics::inc(&metrics.processed),
+            Outcome::StoreDown(error) => {
+                HandlerMetrics::inc(&metrics.processed);
+                tracing::warn!(error = %error, "the handler acked its message, then the done-record could not be written: a replay of the same key (new message id) would run again");
+            }
+            other => {
+                HandlerMetrics::inc(&metrics.failed);
+                tracing::warn!(outcome = ?other, "the handler called ack.ack() and then did not succeed; the broker already has the ack and will not redeliver");
+            }
+        }
+    }
+}
+
 /// `ack = "manual"`: the acks of one fetched batch, sent together when the
 /// last message of the batch is finished.
 struct AckGroup {
@@ -130,7 +149,16 @@ impl<Sub: Subscription> Ctx<Sub> {
         loop {
             let outcome = match first.take() {
                 Some(o) => o,
-                None => self.handler.process(d).await,
+                None if self.handler.acks_at_call() => {
+                    match self.process_acking_at_call(seq, d).await {
+                        Ok(outcome) => outcome,
+                        Err(settled) => {
+                            settled.report(&self.metrics);
+                            return;
+                        }
+                    }
+                }
+                None => self.handler.process(d, None).await,
             };
             match outcome {
                 Outcome::Processed => {
@@ -200,6 +228,22 @@ impl<Sub: Subscription> Ctx<Sub> {
             }
             return;
         }
+    }
+
+    /// `manual_immediate` with a lease store: the ack goes to the broker the
+    /// moment the handler calls `ack.ack()`. `Err` when that happened: the
+    /// message is settled, whatever the handler did afterwards.
+    async fn process_acking_at_call(&self, seq: u64, d: &Delivery) -> Result<Outcome, AckedEarly> {
+        let (ack, probe) = crate::ack::Ack::new();
+        let run = self.handler.process(d, Some((ack, probe.clone())));
+        tokio::pin!(run);
+        tokio::select! {
+            biased;
+            outcome = &mut run => return Ok(outcome),
+            _ = probe.acked() => {}
+        }
+        self.ack(seq, d, None).await;
+        Err(AckedEarly(run.await))
     }
 
     fn span(&self, d: &Delivery) -> tracing::Span {

@@ -45,7 +45,16 @@ pub(crate) enum Outcome {
 pub(crate) trait ErasedHandler: Send + Sync {
     fn meta(&self) -> &'static HandlerMeta;
     fn metrics(&self) -> &Arc<HandlerMetrics>;
-    fn process<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Outcome>;
+    /// Whether `ack.ack()` goes to the broker at once (`manual_immediate`
+    /// with a store whose record does not commit with the handler's effects).
+    fn acks_at_call(&self) -> bool;
+    /// Runs one delivery; `ack` is the handler's token and its probe when the
+    /// caller wants to see the handler's `ack.ack()` as it happens.
+    fn process<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+        ack: Option<(Ack, AckProbe)>,
+    ) -> BoxFuture<'a, Outcome>;
     fn process_batch<'a>(&'a self, deliveries: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>>;
 }
 
@@ -140,7 +149,7 @@ impl<H: HandlerFn> Bound<H> {
         }
     }
 
-    async fn run_one(&self, d: &Delivery) -> Outcome {
+    async fn run_one(&self, d: &Delivery, given: Option<(Ack, AckProbe)>) -> Outcome {
         let prepared = match self.prepare(d) {
             Ok(p) => p,
             Err(outcome) => return outcome,
@@ -188,10 +197,10 @@ impl<H: HandlerFn> Bound<H> {
             token,
             result: None,
         };
-        let (ack, probe) = if self.meta.ack.is_manual() {
-            Ack::new()
-        } else {
-            (Ack::detached(), AckProbe::automatic())
+        let (ack, probe) = match given {
+            Some(pair) => pair,
+            None if self.meta.ack.is_manual() => Ack::new(),
+            None => (Ack::detached(), AckProbe::automatic()),
         };
         let run = AssertUnwindSafe(self.handler.call(payload, &mut tx, d, ack))
             .catch_unwind()
@@ -458,8 +467,17 @@ impl<H: HandlerFn> ErasedHandler for Bound<H> {
         &self.metrics
     }
 
-    fn process<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Outcome> {
-        Box::pin(self.run_one(delivery))
+    fn acks_at_call(&self) -> bool {
+        self.meta.ack == crate::ack::AckMode::ManualImmediate
+            && !<H::Store as DedupStore>::COMMITS_WITH_HANDLER
+    }
+
+    fn process<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+        ack: Option<(Ack, AckProbe)>,
+    ) -> BoxFuture<'a, Outcome> {
+        Box::pin(self.run_one(delivery, ack))
     }
 
     fn process_batch<'a>(&'a self, deliveries: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {

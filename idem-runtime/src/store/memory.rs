@@ -129,6 +129,7 @@ impl MemoryStore {
 
 impl DedupStore for MemoryStore {
     type Tx<'c> = NoTx;
+    const COMMITS_WITH_HANDLER: bool = false;
 
     fn kind(&self) -> &'static str {
         "memory"

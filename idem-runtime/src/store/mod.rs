@@ -100,6 +100,15 @@ pub trait DedupStore: Send + Sync + 'static {
     where
         Self: 'c;
 
+    /// Whether the handler's effects commit together with the store's
+    /// record (SQL stores: the handler writes through `tx`). Then an ack
+    /// never reaches the broker before [`commit`](Self::commit) returned,
+    /// even in `manual_immediate` mode. Stores that only hold leases set
+    /// `false`: the handler's effects are already applied when it calls
+    /// `ack.ack()`, so `manual_immediate` sends the ack at that moment.
+    /// The default (`true`) is the safe one for a custom store.
+    const COMMITS_WITH_HANDLER: bool = true;
+
     /// Short name for listings and logs (`"sqlite"`, `"memory"`, …).
     fn kind(&self) -> &'static str;
 
@@ -243,6 +252,7 @@ pub struct NoStore;
 
 impl DedupStore for NoStore {
     type Tx<'c> = NoTx;
+    const COMMITS_WITH_HANDLER: bool = false;
 
     fn kind(&self) -> &'static str {
         "none"
