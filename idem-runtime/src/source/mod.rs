@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::delivery::Delivery;
 
 pub mod memory;
+pub mod namespaced;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(any(feature = "redis-streams", feature = "rabbitmq", feature = "nats"))]
