@@ -114,7 +114,7 @@ pub enum KeyError {
     },
     /// The key is longer than the handler's maximum.
     #[error(
-        "key too long: {len} bytes, the maximum is {max}; use a shorter business key or raise the limit"
+        "key too long: {len} bytes, the maximum is {max}; use a shorter business key or raise `max_key_len = …` on the handler"
     )]
     TooLong {
         /// Its length in bytes.
