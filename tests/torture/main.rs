@@ -16,6 +16,8 @@
 
 #[path = "../common/pg.rs"]
 mod pg;
+#[path = "../common/redis.rs"]
+mod redis_server;
 mod service;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -441,6 +443,107 @@ async fn redis_store_loses_nothing_and_doubles_only_in_the_lease_window(
     );
 }
 
+/// Store and broker outages: PostgreSQL (the store) and Redis (the broker)
+/// are private servers of this run; each is killed for a few seconds while
+/// the three services work, and started again. The services must ride it
+/// out (back off, reconnect, resume) and the final count must be exact.
+async fn outages_are_ridden_out(messages: usize) {
+    let db = tokio::task::spawn_blocking(pg::PrivateServer::start)
+        .await
+        .unwrap();
+    // The broker must keep what it acknowledged across a crash: AOF, fsync always.
+    let mut broker =
+        redis_server::RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]).await;
+    let mut h = Harness::new(StoreKind::Postgres, &db.url(), &broker.url()).await;
+    for i in 0..PROCESSES {
+        h.spawn(i);
+    }
+    // The producer publishes at a steady pace all through the outages, and
+    // retries while the broker is down (as a real producer would; a retry
+    // whose first try did land is a producer duplicate, deduplicated).
+    let stream = h.stream();
+    let producer_conn = redis::Client::open(broker.url())
+        .unwrap()
+        .get_connection_manager()
+        .await
+        .unwrap();
+    let producer = tokio::spawn(async move {
+        let mut conn = producer_conn;
+        for i in 0..messages {
+            let payload = format!(r#"{{"key":"k{i}"}}"#);
+            while conn
+                .xadd::<_, _, _, _, String>(&stream, "*", &[("payload", payload.as_str())])
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(4)).await;
+        }
+    });
+    let effects = |h: &Harness| {
+        let pool = h.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM effects")
+                .fetch_one(&pool)
+                .await
+                .unwrap_or(-1)
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let at_first = effects(&h).await;
+    let started = Instant::now();
+    tokio::task::block_in_place(|| {
+        db.kill();
+        std::thread::sleep(Duration::from_secs(3));
+        db.up();
+    });
+    println!(
+        "outages: PostgreSQL down and back after {:.1?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let at_second = effects(&h).await;
+    let started = Instant::now();
+    broker.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    broker.restart().await;
+    println!(
+        "outages: Redis (broker) down and back after {:.1?}",
+        started.elapsed()
+    );
+    producer.await.unwrap();
+    // The harness's own connection went down with the server.
+    h.redis = redis::Client::open(broker.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for (i, child) in h.children.iter_mut().enumerate() {
+        let alive = child.as_mut().map(|c| matches!(c.try_wait(), Ok(None)));
+        assert_eq!(alive, Some(true), "service c{i} died during the outages");
+    }
+    h.wait_settled(Duration::from_secs(120)).await;
+    h.stop_all().await;
+    println!(
+        "outages: the store went down at {at_first} effects, the broker at {at_second}, of {messages}"
+    );
+    assert!(
+        (at_first as usize) < messages && (at_second as usize) < messages,
+        "the outages came after the work was done: they tested nothing"
+    );
+    let effects = h.effects().await;
+    let lost = (0..messages)
+        .filter(|i| !effects.contains_key(&format!("k{i}")))
+        .count();
+    let doubled = effects.values().filter(|n| **n > 1).count();
+    println!(
+        "outages: messages {messages}, effects {}, lost = {lost}, doubled = {doubled}",
+        effects.len()
+    );
+    assert_eq!((lost, doubled, effects.len()), (0, 0, messages));
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -456,9 +559,10 @@ fn main() {
     }
     let messages = env_usize("TORTURE_MESSAGES", 2_000);
     let kills = env_usize("TORTURE_KILLS", 20);
-    let stores = std::env::var("TORTURE_STORES").unwrap_or_else(|_| "postgres,redis".into());
+    let stores =
+        std::env::var("TORTURE_STORES").unwrap_or_else(|_| "postgres,redis,outages".into());
     for store in stores.split(',') {
-        println!("test torture::{store} ({messages} messages, {kills} SIGKILLs) ...");
+        println!("test torture::{store} ({messages} messages, {kills} SIGKILLs, or outages) ...");
         match store.trim() {
             "postgres" => rt.block_on(postgres_store_loses_nothing_and_doubles_nothing(
                 messages, kills,
@@ -466,7 +570,10 @@ fn main() {
             "redis" => rt.block_on(
                 redis_store_loses_nothing_and_doubles_only_in_the_lease_window(messages, kills),
             ),
-            other => panic!("TORTURE_STORES: unknown store {other:?} (postgres, redis)"),
+            "outages" => rt.block_on(outages_are_ridden_out(messages.min(2_000))),
+            other => {
+                panic!("TORTURE_STORES: unknown scenario {other:?} (postgres, redis, outages)")
+            }
         }
         println!("test torture::{store} ... ok");
     }

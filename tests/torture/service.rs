@@ -150,7 +150,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let stats_key = format!("{run}stats");
     let field = format!("{consumer}/{}", std::process::id());
     let client = redis::Client::open(redis_url.as_str())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    // Reconnects by itself when the broker's Redis restarts.
+    let mut conn = client.get_connection_manager().await?;
     let report = |s: Option<idem::Stats>| {
         let s = s.unwrap_or_default();
         format!(
@@ -180,11 +181,14 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         stop.cancel();
     };
     tokio::join!(runtime.run(stop.clone()), reporter, signal);
-    let _: () = redis::cmd("HSET")
+    let last: Result<(), redis::RedisError> = redis::cmd("HSET")
         .arg(&stats_key)
         .arg(&field)
         .arg(report(runtime.stats_of(handler)))
         .query_async(&mut conn)
-        .await?;
+        .await;
+    if let Err(e) = last {
+        eprintln!("could not write the final counters: {e}");
+    }
     Ok(())
 }
