@@ -1228,6 +1228,8 @@ fn add_pending_op(pipe: &mut Pipeline, key: &str, op: &PendingOp) {
 
 impl DedupStore for RedisStore {
     type Tx<'c> = NoTx;
+    // A lease store: manual_immediate acks when the handler calls ack.ack().
+    const COMMITS_WITH_HANDLER: bool = false;
 
     fn kind(&self) -> &'static str {
         STORE
