@@ -135,7 +135,7 @@ async fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let applied = store.migrate().await?;
     println!(
         "idem on PostgreSQL: {} (migrations applied: {applied:?})",
-        store.table()
+        store.qualified_table()
     );
     store
         .pool()

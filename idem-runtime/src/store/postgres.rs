@@ -234,7 +234,7 @@ impl PostgresStore {
     }
 
     /// The dedup table, schema-qualified (`public.idem_dedup`).
-    pub fn table(&self) -> &str {
+    pub fn qualified_table(&self) -> &str {
         &self.sql.qualified
     }
 
