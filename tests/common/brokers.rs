@@ -881,17 +881,35 @@ impl Drop for TempDir {
 }
 
 /// A server process started by a test, killed on drop.
+///
+/// Never kill a process group with `kill -KILL -<pgid>` here: procps-ng
+/// 4.0.2's `kill` turns that into `kill(-1, SIGKILL)` (every process of the
+/// user). Servers behind a wrapper script name their real pid in a pid file.
 pub struct Process {
     pub program: String,
     pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Where the server writes its own pid (when `program` is a wrapper).
+    pub pid_file: Option<std::path::PathBuf>,
     pub child: Option<std::process::Child>,
 }
 
 impl Process {
     pub fn spawn(program: &str, args: Vec<String>) -> Process {
+        Self::spawn_with_env(program, args, Vec::new(), None)
+    }
+
+    pub fn spawn_with_env(
+        program: &str,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        pid_file: Option<std::path::PathBuf>,
+    ) -> Process {
         let mut p = Process {
             program: program.into(),
             args,
+            env,
+            pid_file,
             child: None,
         };
         p.start();
@@ -899,8 +917,13 @@ impl Process {
     }
 
     pub fn start(&mut self) {
+        if let Some(f) = &self.pid_file {
+            let _ = std::fs::remove_file(f);
+        }
         let child = std::process::Command::new(&self.program)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -913,11 +936,32 @@ impl Process {
         self.child = Some(child);
     }
 
+    /// SIGKILL: no goodbye to clients.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        if let Some(pid) = self
+            .pid_file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .filter(|pid| *pid > 1)
+        {
+            // The shell's builtin kill, with a positive pid.
+            let _ = std::process::Command::new("sh")
+                .args(["-c", &format!("kill -KILL {pid}")])
+                .status();
+            let proc_dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+            for _ in 0..100 {
+                if !proc_dir.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         }
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }
 
