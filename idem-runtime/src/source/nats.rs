@@ -194,18 +194,25 @@ impl NatsJetStream {
     /// error that names the fix.
     pub async fn ping(&self) -> Result<(), SourceError> {
         let live = self.client().get().await?;
-        live.conn
-            .js
-            .query_account()
+        let refused = |why: &dyn fmt::Display| SourceError::Refused {
+            source_name: NAME,
+            message: format!(
+                "JetStream is not available on {}: {why}; start nats-server with -js",
+                display_url(&self.url)
+            ),
+        };
+        // The raw API call: its reply parses on every server version.
+        let reply = live
+            .conn
+            .client
+            .request("$JS.API.INFO", Vec::new().into())
             .await
-            .map(drop)
-            .map_err(|e| SourceError::Refused {
-                source_name: NAME,
-                message: format!(
-                    "JetStream is not available on {}: {e}; start nats-server with -js",
-                    display_url(&self.url)
-                ),
-            })
+            .map_err(|e| refused(&e))?;
+        match std::str::from_utf8(&reply.payload) {
+            Ok(text) if !text.contains("\"error\"") => Ok(()),
+            Ok(text) => Err(refused(&text)),
+            Err(_) => Err(refused(&"unreadable reply")),
+        }
     }
 
     fn client(&self) -> Arc<Reconnecting<ClientConnector>> {
