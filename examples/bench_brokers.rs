@@ -1,0 +1,293 @@
+//! End-to-end throughput of the real brokers, with the SQLite and the
+//! PostgreSQL store: messages/s from "the backlog is in the broker" to "every
+//! effect committed and acked".
+//!
+//! ```text
+//! cargo run --release --example bench_brokers \
+//!   --features redis-streams,nats,rabbitmq,postgres -- [messages] [broker …]
+//! ```
+//!
+//! Per broker and store: delete the topic, declare it (one subscription),
+//! publish `messages` orders (default 10,000; not timed), then run one
+//! `ack = "auto"` handler with `concurrency(16)` until it has committed them
+//! all, and check the effect rows. Per message the handler does what a real
+//! one does: decode JSON, claim the key, insert one row, commit, ack.
+//! Brokers: `redis`, `nats`, `rabbitmq` (default: all three). URLs come from
+//! `REDIS_URL`, `NATS_URL`, `AMQP_URL` and `DATABASE_URL`.
+
+#[path = "support/producers.rs"]
+mod producers;
+
+use std::error::Error;
+use std::time::{Duration, Instant};
+
+use idem::source::SubscribeSpec;
+use idem::source::nats::NatsJetStream;
+use idem::source::rabbitmq::RabbitMq;
+use idem::source::redis_streams::RedisStreams;
+use idem::store::postgres::PostgresStore;
+use idem::store::sqlite::SqliteStore;
+use idem::{CancellationToken, DedupStore, Runtime, Source, Tx, idempotent};
+use producers::{Outgoing, Producer};
+use serde::Deserialize;
+use sqlx::{AssertSqlSafe, Executor};
+
+const TOPIC: &str = "idem-bench";
+const CONCURRENCY: usize = 16;
+
+#[derive(Debug, Deserialize)]
+struct Order {
+    order_id: String,
+    amount: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+struct DbError(#[from] sqlx::Error);
+
+#[idempotent(
+    topic = "idem-bench",
+    key = "order_id",
+    store = "sqlite",
+    name = "bench-sqlite"
+)]
+async fn bench_sqlite(o: Order, tx: &mut Tx<'_>) -> Result<(), DbError> {
+    sqlx::query("INSERT INTO bench_effects (order_id, amount) VALUES (?, ?)")
+        .bind(&o.order_id)
+        .bind(o.amount)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+#[idempotent(
+    topic = "idem-bench",
+    key = "order_id",
+    store = "postgres",
+    name = "bench-postgres"
+)]
+async fn bench_postgres(o: Order, tx: &mut Tx<'_>) -> Result<(), DbError> {
+    sqlx::query("INSERT INTO bench_effects (order_id, amount) VALUES ($1, $2)")
+        .bind(&o.order_id)
+        .bind(o.amount)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+type BoxResult<T> = std::result::Result<T, Box<dyn Error>>;
+
+fn env(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.into())
+}
+
+/// A fresh SQLite file (WAL, synchronous = NORMAL: idem's defaults).
+async fn sqlite(path: &std::path::Path) -> BoxResult<SqliteStore> {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    let store = SqliteStore::open(&path.display().to_string()).await?;
+    store.migrate().await?;
+    sqlx::raw_sql("CREATE TABLE bench_effects (order_id TEXT NOT NULL, amount INTEGER NOT NULL)")
+        .execute(store.pool())
+        .await?;
+    Ok(store)
+}
+
+/// A PostgreSQL store in a schema of its own, dropped by [`drop_schema`].
+async fn postgres(schema: &str) -> BoxResult<PostgresStore> {
+    let url = env(
+        "DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432/postgres",
+    );
+    let admin = PostgresStore::connect(&url).await?;
+    admin
+        .pool()
+        .execute(sqlx::raw_sql(AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+        ))))
+        .await?;
+    let options: sqlx::postgres::PgConnectOptions = url.parse()?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(CONCURRENCY as u32 + 4)
+        .connect_with(options.options([("search_path", schema)]))
+        .await?;
+    let store = PostgresStore::new(pool).with_schema(schema)?;
+    store.migrate().await?;
+    store
+        .pool()
+        .execute("CREATE TABLE bench_effects (order_id text NOT NULL, amount bigint NOT NULL)")
+        .await?;
+    Ok(store)
+}
+
+async fn drop_schema(store: &PostgresStore, schema: &str) -> BoxResult<()> {
+    store
+        .pool()
+        .execute(sqlx::raw_sql(AssertSqlSafe(format!(
+            "DROP SCHEMA {schema} CASCADE"
+        ))))
+        .await?;
+    Ok(())
+}
+
+/// One timed run; returns (elapsed, messages/s).
+async fn measure<S: Source, P: Producer, D: DedupStore>(
+    source: S,
+    producer: &P,
+    store: D,
+    handler: &'static str,
+    n: usize,
+) -> BoxResult<Duration> {
+    producer.reset(TOPIC).await?;
+    drop(
+        source
+            .subscribe(SubscribeSpec {
+                topic: TOPIC,
+                group: handler,
+                dead_letter: None,
+                prefetch: CONCURRENCY,
+            })
+            .await?,
+    );
+    let messages: Vec<Outgoing> = (0..n)
+        .map(|i| Outgoing {
+            id: format!("m-{i}"),
+            payload: serde_json::json!({ "order_id": format!("order-{i:07}"), "amount": i })
+                .to_string()
+                .into_bytes(),
+        })
+        .collect();
+    producer.publish(TOPIC, &messages).await?;
+    let runtime = Runtime::builder(source)
+        .store(store)
+        .handlers([handler])
+        .concurrency(CONCURRENCY)
+        .build()?;
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let mut elapsed = Duration::ZERO;
+    let done = async {
+        let deadline = started + Duration::from_secs(600);
+        loop {
+            let s = runtime.stats_of(handler).unwrap_or_default();
+            if s.processed + s.duplicate >= n as u64 {
+                elapsed = started.elapsed();
+                break;
+            }
+            if Instant::now() > deadline {
+                elapsed = started.elapsed();
+                eprintln!("  gave up after {elapsed:?}: {s:?}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.cancel();
+    };
+    tokio::join!(runtime.run(stop.clone()), done);
+    let s = runtime.stats_of(handler).unwrap_or_default();
+    if s.processed != n as u64 {
+        return Err(format!("{handler}: {} of {n} processed ({s:?})", s.processed).into());
+    }
+    producer.reset(TOPIC).await?;
+    Ok(elapsed)
+}
+
+async fn bench<S: Source, P: Producer>(
+    broker: &str,
+    source: impl Fn() -> BoxResult<S>,
+    producer: &P,
+    n: usize,
+) -> BoxResult<()> {
+    let db = std::env::temp_dir().join(format!("idem-bench-{}.db", std::process::id()));
+    let store = sqlite(&db).await?;
+    let t = measure(source()?, producer, store.clone(), "bench-sqlite", n).await?;
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT order_id) FROM bench_effects")
+        .fetch_one(store.pool())
+        .await?;
+    report(broker, "SQLite", n, t, rows);
+    drop(store);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+
+    let schema = format!("idem_bench_{}", std::process::id());
+    let store = postgres(&schema).await?;
+    let t = measure(source()?, producer, store.clone(), "bench-postgres", n).await?;
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT order_id) FROM bench_effects")
+        .fetch_one(store.pool())
+        .await?;
+    report(broker, "PostgreSQL", n, t, rows);
+    drop_schema(&store, &schema).await?;
+    Ok(())
+}
+
+fn report(broker: &str, store: &str, n: usize, t: Duration, rows: i64) {
+    let ok = if rows == n as i64 { "ok" } else { "WRONG" };
+    println!(
+        "{broker:<15} {store:<11} {n:>7} msgs {:>8.2} s {:>8.0} msgs/s   effects {rows} ({ok})",
+        t.as_secs_f64(),
+        n as f64 / t.as_secs_f64()
+    );
+}
+
+#[tokio::main]
+async fn main() -> BoxResult<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .init();
+    let mut args = std::env::args().skip(1).peekable();
+    let n: usize = match args.peek().and_then(|a| a.parse().ok()) {
+        Some(n) => {
+            args.next();
+            n
+        }
+        None => 10_000,
+    };
+    let mut brokers: Vec<String> = args.collect();
+    if brokers.is_empty() {
+        brokers = ["redis", "nats", "rabbitmq"].map(String::from).to_vec();
+    }
+    println!(
+        "idem end to end, ack = auto, concurrency {CONCURRENCY}, {} CPUs",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    for b in &brokers {
+        match b.as_str() {
+            "redis" => {
+                let url = env("REDIS_URL", "redis://127.0.0.1:6379");
+                let producer = producers::RedisProducer::connect(&url).await?;
+                bench(
+                    "Redis Streams",
+                    || Ok(RedisStreams::new(&url)?),
+                    &producer,
+                    n,
+                )
+                .await?;
+            }
+            "nats" => {
+                let url = env("NATS_URL", "nats://127.0.0.1:4222");
+                let producer = producers::NatsProducer::connect(&url).await?;
+                bench(
+                    "NATS JetStream",
+                    || Ok(NatsJetStream::new(&url)?),
+                    &producer,
+                    n,
+                )
+                .await?;
+            }
+            "rabbitmq" => {
+                let url = env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
+                let producer = producers::RabbitProducer::connect(&url).await?;
+                bench("RabbitMQ", || Ok(RabbitMq::new(&url)?), &producer, n).await?;
+            }
+            other => {
+                return Err(format!("unknown broker {other:?}: redis, nats or rabbitmq").into());
+            }
+        }
+    }
+    Ok(())
+}
