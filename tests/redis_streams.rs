@@ -333,3 +333,9 @@ async fn entry_without_payload_field_is_dead_lettered_with_the_reason() {
     b.assert_settled(&topic, &group).await;
     b.cleanup(&topic).await;
 }
+
+/// A handler running 2.5 s with a claim idle time of 0.8 s keeps its entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn long_handler_keeps_its_entry() {
+    brokers::long_handler_is_kept_alive::<Redis>(Duration::from_millis(2500)).await;
+}

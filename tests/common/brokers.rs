@@ -110,6 +110,38 @@ async fn bk_batch(o: Order, tx: &mut Tx<'_>) -> Result<(), AppError> {
     apply(tx, "bk-batch", &o).await
 }
 
+/// Runs `seq` milliseconds: longer than the broker lets a message sit unacked.
+#[idempotent(
+    topic = "bk-orders",
+    key = "order_id",
+    store = "sqlite",
+    name = "bk-slow"
+)]
+async fn bk_slow(o: Order, tx: &mut Tx<'_>) -> Result<(), AppError> {
+    tokio::time::sleep(Duration::from_millis(u64::from(o.seq))).await;
+    apply(tx, "bk-slow", &o).await
+}
+
+/// Nacks every order whose key starts with `nack` (redelivery, no attempt
+/// counted by the loop: the broker's delivery count decides).
+#[idempotent(
+    topic = "bk-orders",
+    key = "order_id",
+    store = "sqlite",
+    name = "bk-nacker",
+    ack = "manual",
+    backoff = "5ms..20ms"
+)]
+async fn bk_nacker(o: Order, tx: &mut Tx<'_>, ack: Ack) -> Result<(), AppError> {
+    if o.order_id.starts_with("nack") {
+        ack.nack();
+        return Ok(());
+    }
+    apply(tx, "bk-nacker", &o).await?;
+    ack.ack();
+    Ok(())
+}
+
 // --- what a broker fixture provides ------------------------------------------
 
 /// A message to publish.
@@ -781,6 +813,34 @@ pub async fn poison_goes_to_dead_letters<B: Broker>() {
         "{refused:?}"
     );
     assert_eq!(refused.attempts, "3", "{refused:?}");
+    b.assert_settled(&topic, &probe.name(handler)).await;
+    b.cleanup(&topic).await;
+}
+
+/// A handler that runs longer than the broker lets a message sit unacked
+/// (Redis: the claim idle time; JetStream: `ack_wait`) keeps its message:
+/// the source keeps it alive, so it is delivered once.
+pub async fn long_handler_is_kept_alive<B: Broker>(runs_for: Duration) {
+    let handler = "bk-slow";
+    let b = B::shared().await;
+    let probe = Probe::new();
+    let topic = probe.name(TOPIC);
+    let ms = u32::try_from(runs_for.as_millis()).unwrap();
+    b.publish(&topic, &[order("k-slow", ms)]).await;
+    let store = common::sqlite().await;
+    let run = start(TestSource::new(b.source(), probe.clone()), &store, handler);
+    probe
+        .wait_settled(&HashSet::from(["k-slow".to_owned()]), LONG)
+        .await;
+    // Past the point where an unkept message would have come back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = run.stop(handler).await;
+    assert_eq!(
+        probe.seen(),
+        vec![("k-slow".to_owned(), 1)],
+        "delivered once, not taken back while the handler ran"
+    );
+    assert_eq!((stats.processed, stats.duplicate), (1, 0), "{stats:?}");
     b.assert_settled(&topic, &probe.name(handler)).await;
     b.cleanup(&topic).await;
 }

@@ -435,6 +435,34 @@ fn value_u32(v: &AMQPValue) -> Option<u32> {
     u32::try_from(n).ok()
 }
 
+/// How to ack `tags` on a channel whose unsettled tags are `unsettled`: one
+/// `basic.ack(tag, multiple)` for the oldest unsettled tags when they are all
+/// in `tags` (`multiple` would ack any unsettled tag below it, so only that
+/// prefix qualifies), single acks for the rest. Tags no longer unsettled are
+/// left out: acking a tag twice closes the channel. Removes what it plans
+/// from `unsettled`.
+fn plan_acks(
+    unsettled: &mut BTreeSet<u64>,
+    tags: &BTreeSet<u64>,
+) -> (Option<(u64, bool)>, Vec<u64>) {
+    let mut prefix = 0usize;
+    let mut upto = None;
+    for t in unsettled.iter() {
+        if !tags.contains(t) {
+            break;
+        }
+        upto = Some(*t);
+        prefix += 1;
+    }
+    let mut singles = Vec::new();
+    for t in tags {
+        if unsettled.remove(t) && upto.is_none_or(|u| *t > u) {
+            singles.push(*t);
+        }
+    }
+    (upto.map(|u| (u, prefix > 1)), singles)
+}
+
 /// The receipt of a delivery: the connection generation and the delivery tag.
 fn receipt_of(d: &Delivery) -> Result<(u64, u64), SourceError> {
     d.receipt
@@ -636,25 +664,9 @@ impl Subscription for RabbitSubscription {
             }
         }
         let mut unsettled = live.conn.unsettled.lock().await;
-        // The oldest unsettled tags that are all being acked go in one
-        // `multiple` ack; the rest one by one.
-        let mut upto = None;
-        for t in unsettled.iter() {
-            if tags.contains(t) {
-                upto = Some(*t);
-            } else {
-                break;
-            }
-        }
-        let mut singles: Vec<u64> = Vec::new();
-        for t in &tags {
-            if unsettled.remove(t) && upto.is_none_or(|u| *t > u) {
-                singles.push(*t);
-            }
-        }
+        let (upto, singles) = plan_acks(&mut unsettled, &tags);
         let channel = &live.conn.channel;
-        if let Some(u) = upto {
-            let multiple = tags.range(..=u).count() > 1;
+        if let Some((u, multiple)) = upto {
             channel
                 .basic_ack(u, BasicAckOptions { multiple })
                 .await
@@ -720,6 +732,27 @@ mod tests {
         assert_eq!(value_u32(&AMQPValue::LongLongInt(4)), Some(4));
         assert_eq!(value_u32(&AMQPValue::LongLongInt(-4)), None);
         assert_eq!(value_u32(&AMQPValue::LongString("4".into())), None);
+    }
+
+    #[test]
+    fn batch_acks_use_multiple_only_for_the_oldest_unsettled_tags() {
+        let set = |v: &[u64]| v.iter().copied().collect::<BTreeSet<u64>>();
+        let mut unsettled = set(&[1, 2, 3, 5, 6]);
+        // 1 and 2 are the oldest: one multiple ack; 5 is behind the
+        // unsettled 3, so it goes alone.
+        assert_eq!(
+            plan_acks(&mut unsettled, &set(&[1, 2, 5])),
+            (Some((2, true)), vec![5])
+        );
+        assert_eq!(unsettled, set(&[3, 6]));
+        // 6 alone, behind 3; 9 is not unsettled (already acked): left out.
+        assert_eq!(plan_acks(&mut unsettled, &set(&[6, 9])), (None, vec![6]));
+        // The oldest tag alone: a plain ack.
+        assert_eq!(
+            plan_acks(&mut unsettled, &set(&[3])),
+            (Some((3, false)), vec![])
+        );
+        assert!(unsettled.is_empty());
     }
 
     #[test]
