@@ -48,6 +48,9 @@ pub const URL_ENV: &str = "AMQP_URL";
 /// The URL used when [`URL_ENV`] is unset.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
+/// The longest AMQP short string (queue, exchange, consumer tag, header name).
+const MAX_NAME: usize = 255;
+
 /// The header quorum queues count returned deliveries in.
 const DELIVERY_COUNT: &str = "x-delivery-count";
 
@@ -353,12 +356,30 @@ impl super::Source for RabbitMq {
             .dead_letter
             .map_or_else(|| format!("{}.dlq", spec.topic), str::to_owned)
             .into();
+        // AMQP names are short strings: check them here rather than fail
+        // (or panic in the client) on every reconnection.
+        for (what, name) in [
+            ("queue", spec.topic),
+            ("dead-letter queue", &*dead_letter),
+            ("dead-letter exchange", &*self.opts.dead_letter_exchange),
+        ] {
+            if name.len() > MAX_NAME {
+                return Err(SourceError::Config {
+                    source_name: NAME,
+                    message: format!(
+                        "{what} name {name:?} is {} bytes; AMQP allows {MAX_NAME}: use a shorter topic or dead_letter name",
+                        name.len()
+                    ),
+                });
+            }
+        }
+        let group: String = spec.group.chars().take(200).collect();
         let session = Reconnecting::new(
             SessionConnector {
                 url: self.url.clone(),
                 queue: spec.topic.into(),
                 dead_letter: dead_letter.clone(),
-                tag: format!("idem-{}-{:08x}", spec.group, fastrand::u32(..)),
+                tag: format!("idem-{group}-{:08x}", fastrand::u32(..)),
                 prefetch: u16::try_from(spec.prefetch.max(1)).unwrap_or(u16::MAX),
                 opts: self.opts.clone(),
             },
@@ -558,7 +579,9 @@ impl SubInner {
             if is_dead_letter_field(k) || k == DELIVERY_COUNT {
                 continue;
             }
-            table.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
+            if let Ok(name) = ShortString::try_new(k) {
+                table.insert(name, AMQPValue::LongString(LongString::from(v)));
+            }
         }
         for (k, v) in dead_letter_fields(d, letter) {
             table.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
@@ -566,8 +589,10 @@ impl SubInner {
         let mut props = BasicProperties::default()
             .with_headers(table)
             .with_delivery_mode(2);
-        if !d.id.is_empty() {
-            props = props.with_message_id(ShortString::from(&*d.id));
+        if let Ok(id) = ShortString::try_new(&*d.id)
+            && !d.id.is_empty()
+        {
+            props = props.with_message_id(id);
         }
         let exchange = &*self.opts.dead_letter_exchange;
         let confirm = live
@@ -753,6 +778,23 @@ mod tests {
             (Some((3, false)), vec![])
         );
         assert!(unsettled.is_empty());
+    }
+
+    #[tokio::test]
+    async fn names_too_long_for_amqp_are_config_errors_not_panics() {
+        use crate::source::Source;
+        let source = RabbitMq::new("amqp://u:p@127.0.0.1:1/%2f").unwrap();
+        let topic = "t".repeat(300);
+        let e = source
+            .subscribe(SubscribeSpec {
+                topic: &topic,
+                group: "g",
+                dead_letter: None,
+                prefetch: 1,
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SourceError::Config { .. }), "{e}");
     }
 
     #[test]
