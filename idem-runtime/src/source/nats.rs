@@ -498,6 +498,9 @@ impl SubInner {
         letter: &DeadLetter,
     ) -> Result<(), SourceError> {
         let reply = receipt_of(d)?;
+        // Settled or not, no more progress for it: if the publish fails, it
+        // comes back after `ack_wait`.
+        self.in_flight.remove(reply);
         let nats = self.client.get().await?.conn;
         let mut headers = HeaderMap::new();
         for (name, value) in d.headers.iter() {
@@ -527,9 +530,7 @@ impl SubInner {
             .map_err(|e| unavailable("publish the dead letter", &e))?;
         ack.await
             .map_err(|e| unavailable("confirm the dead letter", &e))?;
-        self.send(reply, AckKind::Term, true).await?;
-        self.in_flight.remove(reply);
-        Ok(())
+        self.send(reply, AckKind::Term, true).await
     }
 }
 

@@ -807,6 +807,9 @@ impl SubInner {
         letter: &DeadLetter,
         with_payload: bool,
     ) -> Result<(), SourceError> {
+        // Settled or not, this consumer lets go of it: if the write fails,
+        // the entry stays pending and is claimed again after `claim_idle`.
+        self.in_flight.remove(&d.id);
         let mut pipe = redis::pipe();
         pipe.atomic();
         {
@@ -828,9 +831,7 @@ impl SubInner {
             .arg(&*self.group)
             .arg(&*d.id)
             .ignore();
-        query_pipe::<()>(&self.control, &pipe).await?;
-        self.in_flight.remove(&d.id);
-        Ok(())
+        query_pipe::<()>(&self.control, &pipe).await
     }
 }
 
