@@ -76,6 +76,7 @@ impl Broker for Nats {
     type Source = NatsJetStream;
     type Server = NatsServer;
     const NAME: &'static str = "nats jetstream";
+    const KEEPS_PRODUCER_ID: bool = true;
 
     async fn shared() -> Self {
         let url = std::env::var(URL_ENV).unwrap_or_else(|_| DEFAULT_URL.into());

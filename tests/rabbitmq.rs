@@ -106,6 +106,7 @@ impl Broker for Rabbit {
     type Source = RabbitMq;
     type Server = RabbitNode;
     const NAME: &'static str = "rabbitmq";
+    const KEEPS_PRODUCER_ID: bool = true;
 
     async fn shared() -> Self {
         let url = std::env::var(URL_ENV).unwrap_or_else(|_| DEFAULT_URL.into());

@@ -76,6 +76,7 @@ impl Broker for Redis {
     type Source = RedisStreams;
     type Server = RedisServer;
     const NAME: &'static str = "redis streams";
+    const KEEPS_PRODUCER_ID: bool = false;
 
     async fn shared() -> Self {
         let url = std::env::var(URL_ENV).unwrap_or_else(|_| DEFAULT_URL.into());

@@ -195,6 +195,9 @@ pub trait Broker: Sized + Send + Sync + 'static {
     type Source: Source;
     type Server: PrivateServer;
     const NAME: &'static str;
+    /// Whether the message id idem sees is the producer's (AMQP
+    /// `message_id`, `Nats-Msg-Id`) rather than one the broker assigns.
+    const KEEPS_PRODUCER_ID: bool;
 
     /// The fixture for the shared server (env var URL). Panics, naming the
     /// fix, when the server does not answer: the tests fail, never skip.
@@ -236,6 +239,8 @@ struct ProbeState {
     ack_calls: Vec<AckCall>,
     fetched: Vec<Vec<String>>,
     seen: Vec<(String, u32)>,
+    /// Deliveries whose `x-test: 1` header did not come through.
+    headerless: u32,
     crash: Option<(String, oneshot::Sender<()>)>,
 }
 
@@ -293,6 +298,9 @@ impl Probe {
 
     pub fn acked(&self) -> HashSet<String> {
         self.state.lock().unwrap().acked.clone()
+    }
+    pub fn headerless(&self) -> u32 {
+        self.state.lock().unwrap().headerless
     }
     pub fn lost_acks(&self) -> u32 {
         self.state.lock().unwrap().lost
@@ -421,6 +429,10 @@ impl<S: Subscription> Subscription for TestSubscription<S> {
                 let keys: Vec<String> = batch.iter().map(key_of).collect();
                 s.seen
                     .extend(keys.iter().cloned().zip(batch.iter().map(|d| d.attempt)));
+                s.headerless += batch
+                    .iter()
+                    .filter(|d| d.header("X-Test") != Some(&b"1"[..]))
+                    .count() as u32;
                 s.fetched.push(keys);
             });
         }
@@ -600,6 +612,11 @@ pub async fn thousand_with_redeliveries<B: Broker>(handler: &'static str) {
 
     assert_exactly_once(&common::effect_counts(&store, handler).await, &keys);
     assert_eq!(probe.lost_acks(), 300);
+    assert_eq!(
+        probe.headerless(),
+        0,
+        "the producer's headers reach the handler"
+    );
     assert_eq!(stats.processed, 1000, "{stats:?}");
     assert_eq!(stats.duplicate, 300, "{stats:?}");
     assert_eq!(stats.dead_lettered, 0, "{stats:?}");
@@ -802,7 +819,11 @@ pub async fn poison_goes_to_dead_letters<B: Broker>() {
     assert!(bad.reason.starts_with("undecodable payload"), "{bad:?}");
     assert_eq!(bad.attempts, "1", "{bad:?}");
     assert_eq!(bad.handler, handler, "{bad:?}");
-    assert!(!bad.original_id.is_empty(), "{bad:?}");
+    if B::KEEPS_PRODUCER_ID {
+        assert_eq!(bad.original_id, "m-undecodable", "{bad:?}");
+    } else {
+        assert!(!bad.original_id.is_empty(), "{bad:?}");
+    }
     let refused = letters
         .iter()
         .find(|l| l.payload == messages[21].payload)
