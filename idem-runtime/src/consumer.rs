@@ -167,9 +167,10 @@ impl<Sub: Subscription> Ctx<Sub> {
                         self.ack(seq, d, group).await;
                     }
                 }
-                Outcome::Duplicate => {
+                Outcome::Duplicate(cached) => {
                     HandlerMetrics::inc(&self.metrics.duplicate);
                     tracing::debug!(
+                        cached_result = cached.as_deref().unwrap_or("none"),
                         "duplicate: already processed, acked without running the handler"
                     );
                     if meta.ack != AckMode::Before {
@@ -320,7 +321,7 @@ impl<Sub: Subscription> Ctx<Sub> {
                     self.forget(job.seq);
                     acks.push(&job.delivery);
                 }
-                Outcome::Duplicate => {
+                Outcome::Duplicate(_) => {
                     HandlerMetrics::inc(&self.metrics.duplicate);
                     self.forget(job.seq);
                     acks.push(&job.delivery);

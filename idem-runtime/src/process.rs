@@ -26,8 +26,9 @@ use crate::store::{Claim, ClaimRequest, Claimed, DedupStore, StoreError};
 pub(crate) enum Outcome {
     /// The handler ran and its effect committed: ack.
     Processed,
-    /// Already processed before: ack without running the handler.
-    Duplicate,
+    /// Already processed before: ack without running the handler. Carries
+    /// the result the first run cached (JSON), if any.
+    Duplicate(Option<String>),
     /// The handler failed (error, panic, or a rejected key): retry, and
     /// dead-letter after the last attempt.
     Failed(String),
@@ -128,7 +129,7 @@ impl<H: HandlerFn> Bound<H> {
     fn not_new(&self, claim: Claim, key: &Key, fingerprint: Fingerprint) -> Outcome {
         match claim {
             Claim::New { .. } => unreachable!("handled by the caller"),
-            Claim::Done { .. } => Outcome::Duplicate,
+            Claim::Done { cached } => Outcome::Duplicate(cached),
             Claim::InProgress { retry_after } => Outcome::Busy(retry_after),
             Claim::Conflict { stored } => Outcome::DeadLetter(format!(
                 "key conflict: key {key} was already processed with a different payload \
