@@ -17,20 +17,22 @@
 //! vanish together: exactly once, with none of those conditions.
 //!
 //! Per message, the store does:
-//! 1. **claim**: `SET <key> p|<token>|<fingerprint> NX GET PX <lease>` (+ `PTTL`)
-//!    in one round trip: nothing there → run the handler; a done-record →
+//! 1. **claim**: `SET <key> p|<token>|<fingerprint> NX GET PX <lease>`, one
+//!    round trip: nothing there → run the handler; a done-record →
 //!    duplicate, ack without running (the cached result is returned); another
-//!    consumer's lease → `InProgress` (nack with the lease's remaining time);
-//!    another payload fingerprint → conflict (dead letter).
+//!    consumer's lease → `InProgress` (a `PTTL` asks how long it still runs:
+//!    the one case with a second round trip; the message is nacked for that
+//!    long); another payload fingerprint → conflict (dead letter).
 //! 2. **complete** (after the handler succeeded, before the ack): a Lua
 //!    compare-and-set replaces *our* lease with `d|<fingerprint>|<token>|<result>`
 //!    and the `ttl` expiry.
 //! 3. **release** (the handler failed): a Lua compare-and-delete removes *our*
 //!    lease, so the retry runs at once.
 //!
-//! A batch (`ack = "batch"`) claims all its keys in one pipeline and
-//! completes them in one pipeline. On Redis Cluster, a pipeline must stay in
-//! one slot, so a batch becomes one pipeline per slot, sent concurrently.
+//! A batch (`ack = "batch"`) claims all its keys in one pipeline of `SET`s
+//! and completes them with one script call (`EVALSHA` over all its keys, up
+//! to 256 per call). On Redis Cluster a pipeline and a script call must stay
+//! in one slot, so a batch becomes one pipeline per slot, sent concurrently.
 //!
 //! # Crash windows
 //!
@@ -85,30 +87,49 @@ use secret::{Secrets, redact_url};
 
 const STORE: &str = "redis";
 
-/// Replaces our lease (or nothing: the lease ran out and nobody took the
-/// key) with the done-record; a record already ours counts as done, so a
-/// retried completion is harmless. 1 = done under our lease, 2 = our lease
-/// had run out but the key was free, 0 = someone else owns the key.
+/// Completes many keys in one call. For each key `KEYS[i]` with
+/// `ARGV[3i-2..3i]` = (our lease value, done value, TTL in ms or `0`):
+/// replaces our lease (or nothing: the lease ran out and nobody took the key)
+/// with the done-record; a record already ours counts as done, so a retried
+/// completion is harmless. Codes: 1 = done under our lease, 2 = our lease had
+/// run out but the key was free, 0 = someone else owns the key.
 const COMPLETE_LUA: &str = r"
-local v = redis.call('GET', KEYS[1])
-if v == ARGV[2] then return 1 end
-if v ~= ARGV[1] and v then return 0 end
-if ARGV[3] == '0' then
-  redis.call('SET', KEYS[1], ARGV[2])
-else
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+local out = {}
+for i = 1, #KEYS do
+  local lease, done, ttl = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  local v = redis.call('GET', KEYS[i])
+  if v == done then
+    out[i] = 1
+  elseif v and v ~= lease then
+    out[i] = 0
+  else
+    if ttl == '0' then
+      redis.call('SET', KEYS[i], done)
+    else
+      redis.call('SET', KEYS[i], done, 'PX', ttl)
+    end
+    out[i] = v and 1 or 2
+  end
 end
-if v then return 1 end
-return 2
+return out
 ";
 
-/// Deletes the lease only if it is still ours.
+/// Deletes many leases in one call, each only if it is still ours
+/// (`ARGV[i]` = our lease value of `KEYS[i]`). Codes: 1 = deleted, 0 = not ours.
 const RELEASE_LUA: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+local out = {}
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i] then
+    out[i] = redis.call('DEL', KEYS[i])
+  else
+    out[i] = 0
+  end
 end
-return 0
+return out
 ";
+
+/// Keys per script call: bounds how long one call blocks Redis.
+const SCRIPT_CHUNK: usize = 256;
 
 /// How long this process remembers a completion that could not be written,
 /// to write it when the message comes back instead of running it again.
@@ -689,24 +710,74 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// [`exec`](Self::exec) for script calls: if the server lost its script
-    /// cache (restart, failover, `SCRIPT FLUSH`), load the scripts and run
-    /// the pipeline once more. Safe because both scripts are idempotent.
-    async fn exec_scripts(
+    /// Runs one of the multi-key scripts over `items`: one call per chunk
+    /// of keys (per slot on a cluster), all calls in one pipeline (one per
+    /// slot on a cluster). `args` appends an item's `ARGV` entries. Returns
+    /// one reply per item: its code, or the error of its call. If the server
+    /// lost its script cache (restart, failover, `SCRIPT FLUSH`), the scripts
+    /// are loaded and the calls sent once more, which is safe because both
+    /// scripts are idempotent.
+    async fn run_script(
         &self,
+        script: &Script,
         keys: &Keys,
         items: &[usize],
-        mut build: impl FnMut(usize, usize, &mut Pipeline) -> usize,
+        mut args: impl FnMut(usize, &mut Pipeline),
     ) -> Result<Vec<Value>, ExecError> {
-        let values = self.exec(keys, items, &mut build).await?;
-        let noscript = values.iter().any(
+        let mut chunks: Vec<Vec<usize>> = Vec::new();
+        match self.inner.conn {
+            Conn::Single(_) => chunks.extend(items.chunks(SCRIPT_CHUNK).map(<[usize]>::to_vec)),
+            Conn::Cluster(_) => {
+                let mut by_slot: HashMap<u16, Vec<usize>> = HashMap::new();
+                for &i in items {
+                    by_slot
+                        .entry(record::slot(keys.get(i).as_bytes()))
+                        .or_default()
+                        .push(i);
+                }
+                for group in by_slot.into_values() {
+                    chunks.extend(group.chunks(SCRIPT_CHUNK).map(<[usize]>::to_vec));
+                }
+            }
+        }
+        // `exec` groups by the slot of each chunk's first key.
+        let firsts: Vec<usize> = chunks.iter().map(|c| c[0]).collect();
+        let hash = script.get_hash();
+        let mut build = |pos: usize, _: usize, pipe: &mut Pipeline| {
+            let chunk = &chunks[pos];
+            pipe.cmd("EVALSHA").arg(hash).arg(chunk.len());
+            for &i in chunk {
+                pipe.arg(keys.get(i));
+            }
+            for &i in chunk {
+                args(i, pipe);
+            }
+            1
+        };
+        let mut replies = self.exec(keys, &firsts, &mut build).await?;
+        let noscript = replies.iter().any(
             |v| matches!(v, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript)),
         );
-        if !noscript {
-            return Ok(values);
+        if noscript {
+            self.load_scripts().await?;
+            replies = self.exec(keys, &firsts, &mut build).await?;
         }
-        self.load_scripts().await?;
-        self.exec(keys, items, build).await
+        let mut out = vec![Value::Nil; keys.ends.len()];
+        for (chunk, reply) in chunks.iter().zip(replies) {
+            match reply {
+                Value::Array(codes) if codes.len() == chunk.len() => {
+                    for (&i, code) in chunk.iter().zip(codes) {
+                        out[i] = code;
+                    }
+                }
+                other => {
+                    for &i in chunk {
+                        out[i] = other.clone();
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn load_scripts(&self) -> Result<(), ExecError> {
@@ -842,10 +913,14 @@ impl RedisStore {
         }
         let mut pending = self.take_pending(&keys, &misses);
         let tokens: Vec<u64> = misses.iter().map(|_| fresh_token()).collect();
+        // The cache tier needs a done-record's remaining TTL; without it the
+        // claim is the `SET` alone, and only an `InProgress` answer costs a
+        // second round trip (for the lease's remaining time).
+        let with_pttl = self.inner.cache.is_some();
         let replies = self
             .exec(&keys, &misses, |pos, i, pipe| {
                 let key = keys.get(i);
-                let mut count = 2;
+                let mut count = 1 + usize::from(with_pttl);
                 if let Some(op) = pending.as_ref().and_then(|p| p[pos].as_ref()) {
                     add_pending_op(pipe, key, op);
                     count += 1;
@@ -859,7 +934,9 @@ impl RedisStore {
                     .arg("GET")
                     .arg("PX")
                     .arg(millis(r.lease));
-                pipe.cmd("PTTL").arg(key);
+                if with_pttl {
+                    pipe.cmd("PTTL").arg(key);
+                }
                 count
             })
             .await;
@@ -873,6 +950,7 @@ impl RedisStore {
         };
         let mut values = values.into_iter();
         let mut failure = None;
+        let mut busy = Vec::new();
         for (pos, &i) in misses.iter().enumerate() {
             let r = &requests[i];
             let key = keys.get(i);
@@ -882,9 +960,8 @@ impl RedisStore {
                 self.pending_done(key, op, reply);
             }
             let set = values.next().unwrap_or_default();
-            let pttl = values.next().unwrap_or_default();
-            let remaining = match pttl {
-                Value::Int(ms) if ms >= 0 => Some(Duration::from_millis(ms as u64)),
+            let remaining = match with_pttl.then(|| values.next()).flatten() {
+                Some(Value::Int(ms)) if ms >= 0 => Some(Duration::from_millis(ms as u64)),
                 _ => None,
             };
             let claim = match &set {
@@ -895,9 +972,14 @@ impl RedisStore {
                             stored: fingerprint,
                         }
                     }
-                    Some(Stored::Lease { .. }) => Claim::InProgress {
-                        retry_after: remaining.unwrap_or(Duration::from_millis(1)),
-                    },
+                    Some(Stored::Lease { .. }) => {
+                        if remaining.is_none() {
+                            busy.push(i);
+                        }
+                        Claim::InProgress {
+                            retry_after: remaining.unwrap_or(r.lease),
+                        }
+                    }
                     Some(Stored::Done { fingerprint, .. }) if fingerprint != r.fingerprint => {
                         Claim::Conflict {
                             stored: fingerprint,
@@ -949,11 +1031,60 @@ impl RedisStore {
                 other => Err(other),
             };
         }
+        if !busy.is_empty() {
+            self.lease_remaining(requests, &keys, &busy, &mut claims)
+                .await;
+        }
         Ok(claims.into_iter().flatten().collect())
+    }
+
+    /// Asks how long the leases found on `busy` keys still run, so an
+    /// `InProgress` retries when the holder's lease ends, not a full `lease`
+    /// later. If Redis does not answer, the full lease (an upper bound) stays.
+    async fn lease_remaining(
+        &self,
+        requests: &[ClaimRequest<'_>],
+        keys: &Keys,
+        busy: &[usize],
+        claims: &mut [Option<Claim>],
+    ) {
+        let Ok(values) = self
+            .exec(keys, busy, |_, i, pipe| {
+                pipe.cmd("GET").arg(keys.get(i));
+                pipe.cmd("PTTL").arg(keys.get(i));
+                2
+            })
+            .await
+        else {
+            return;
+        };
+        let mut values = values.into_iter();
+        for &i in busy {
+            let (value, pttl) = (values.next(), values.next());
+            let Some(Claim::InProgress { retry_after }) = &mut claims[i] else {
+                continue;
+            };
+            let still_a_lease = matches!(
+                &value,
+                Some(Value::BulkString(v)) if matches!(record::parse(v), Some(Stored::Lease { .. }))
+            );
+            *retry_after = match pttl {
+                // The PTTL of a done-record (the holder finished meanwhile)
+                // or of nothing says "retry now".
+                Some(Value::Int(ms)) if still_a_lease && ms > 0 => {
+                    Duration::from_millis(ms as u64).min(requests[i].lease)
+                }
+                _ => Duration::from_millis(1),
+            };
+        }
     }
 
     /// Outcome of a remembered operation sent ahead of a claim.
     fn pending_done(&self, key: &str, op: PendingOp, reply: Value) {
+        let reply = match reply {
+            Value::Array(mut codes) if codes.len() == 1 => codes.remove(0),
+            other => other,
+        };
         match (reply, &op) {
             (Value::Int(code), PendingOp::Complete { .. }) => {
                 self.inner
@@ -1058,23 +1189,15 @@ impl RedisStore {
         let keys = Keys::of(&self.inner.prefix, done.iter().map(|c| c.request));
         let items: Vec<usize> = (0..done.len()).collect();
         let mut value = Vec::new();
-        let complete_hash = self.inner.complete.get_hash();
         let replies = self
-            .exec_scripts(&keys, &items, |_, i, pipe| {
+            .run_script(&self.inner.complete, &keys, &items, |i, pipe| {
                 let c = &done[i];
                 let r = c.request;
                 value.clear();
                 record::push_done_value(&mut value, r.fingerprint, c.token, c.result);
                 let lease = record::lease_value(c.token, r.fingerprint);
                 let lease: &[u8] = if c.token == 0 { b"" } else { &lease[..] };
-                pipe.cmd("EVALSHA")
-                    .arg(complete_hash)
-                    .arg(1)
-                    .arg(keys.get(i))
-                    .arg(lease)
-                    .arg(&value[..])
-                    .arg(r.ttl.map_or(0, millis));
-                1
+                pipe.arg(lease).arg(&value[..]).arg(r.ttl.map_or(0, millis));
             })
             .await;
         let remember = |i: usize| {
@@ -1156,17 +1279,11 @@ impl RedisStore {
             return Ok(());
         }
         let keys = Keys::of(&self.inner.prefix, claimed.iter().map(|c| c.request));
-        let release_hash = self.inner.release.get_hash();
         let replies = self
-            .exec_scripts(&keys, &held, |_, i, pipe| {
+            .run_script(&self.inner.release, &keys, &held, |i, pipe| {
                 let c = &claimed[i];
                 let lease = record::lease_value(c.token, c.request.fingerprint);
-                pipe.cmd("EVALSHA")
-                    .arg(release_hash)
-                    .arg(1)
-                    .arg(keys.get(i))
-                    .arg(&lease[..]);
-                1
+                pipe.arg(&lease[..]);
             })
             .await;
         let remember = |i: usize| {
@@ -1185,10 +1302,10 @@ impl RedisStore {
             }
         };
         let mut failure = None;
-        for (&i, reply) in held.iter().zip(values) {
-            if let Value::ServerError(e) = reply {
+        for &i in &held {
+            if let Value::ServerError(e) = &values[i] {
                 remember(i);
-                failure.get_or_insert_with(|| self.command_error(keys.get(i), &e));
+                failure.get_or_insert_with(|| self.command_error(keys.get(i), e));
             }
         }
         match failure {
