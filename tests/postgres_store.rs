@@ -641,3 +641,24 @@ async fn connect_errors_do_not_show_the_password() {
     assert!(!text.contains("hunter2-secret"), "{text}");
     assert!(text.contains("app:***@127.0.0.1:1"), "{text}");
 }
+
+/// A prepared claim statement must not keep a generic plan made while the
+/// dedup table was empty (a sequential scan that gets slower with every row):
+/// claim transactions force custom plans.
+#[tokio::test]
+async fn claim_transactions_plan_with_the_current_table_size() {
+    let db = Db::new().await;
+    let mut tx = db.store.begin().await.unwrap();
+    let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(mode, "force_custom_plan");
+    db.store.rollback(tx, &[]).await.unwrap();
+    // Outside idem's transactions the application's setting is untouched.
+    let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(mode, "auto");
+}

@@ -46,6 +46,16 @@ use crate::fingerprint::Fingerprint;
 
 const STORE: &str = "postgres";
 
+/// How a claim transaction starts. `force_custom_plan`: the claim joins the
+/// keys with the dedup table, and a prepared statement's cached *generic*
+/// plan is made while the table is still small (a fresh deployment): the
+/// planner then picks a sequential scan and keeps it as the table grows,
+/// and every claim slows down with the table's size (measured: 10× slower
+/// after 50,000 rows). Custom plans are made with the table's current size,
+/// so they use the primary key. Same message as the `BEGIN`: no extra round
+/// trip; `LOCAL` ends with the transaction.
+const BEGIN: &str = "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan";
+
 /// The schema and table when none are configured.
 pub const DEFAULT_SCHEMA: &str = "public";
 /// The dedup table when none is configured.
@@ -337,7 +347,7 @@ impl DedupStore for PostgresStore {
     }
 
     async fn begin(&self) -> Result<Tx<'static, Postgres>, StoreError> {
-        let tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        let tx = self.pool.begin_with(BEGIN).await.map_err(|e| self.err(e))?;
         Ok(Tx::new(tx))
     }
 
