@@ -39,7 +39,7 @@
 //! | what happens | result |
 //! |---|---|
 //! | consumer dies after the handler's effect, before the done-record | the lease expires after `lease`, the broker redelivers, **the handler runs again** (effect twice) |
-//! | the done-record write fails (Redis blip), the process lives on | the message is not acked; this process remembers the completion and writes it when the message comes back (before claiming again), so the handler does not run again |
+//! | the done-record write fails (Redis blip, restart), the process lives on | the message is not acked; this process remembers the completion (up to 15 min) and writes it when the message comes back to it, before claiming again, so the handler does not run again. Handed to another consumer instead, the message waits for the lease to run out and **runs again** |
 //! | a handler runs longer than `lease` | another consumer may claim the key and run it too (**effect twice**); the late completion does not overwrite the new owner's record, it is counted in [`RedisStore::lost_leases`] and logged as a warning |
 //! | done-record written, ack lost / consumer dies before the ack | redelivery finds the record: acked as a duplicate, not run (safe) |
 //! | handler fails, the release does not reach Redis | the lease expires after `lease` (or this process releases it first when the message comes back); the retry waits, it never runs concurrently |
@@ -57,6 +57,13 @@
 //! that for availability: during the outage handlers run without dedup
 //! (at-least-once: duplicates that arrive in the outage run again).
 //!
+//! # Cache tier
+//!
+//! Off by default. [`RedisStoreBuilder::local_cache`] keeps recent
+//! done-records in a bounded in-process LRU, so a hot duplicate is answered
+//! without a round trip (`examples/bench_redis.rs` measures it). Only
+//! done-records are cached, never leases, each for at most `max_age`.
+//!
 //! # Secrets
 //!
 //! The password of the URL never appears in `Debug` output, errors or logs:
@@ -67,8 +74,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -78,11 +85,13 @@ use ::redis::{Pipeline, RedisError, Script, ServerErrorKind, Value};
 use super::{Claim, ClaimRequest, Claimed, DedupStore, NoTx, StoreError};
 
 mod cache;
+mod pending;
 mod record;
 mod secret;
 
 use cache::{CachedDone, DoneCache};
-use record::{LEASE_LEN, Stored};
+use pending::{PendingOp, PendingOps};
+use record::Stored;
 use secret::{Secrets, redact_url};
 
 const STORE: &str = "redis";
@@ -368,8 +377,7 @@ impl RedisStoreBuilder {
                 timeout: self.timeout,
                 fallback: self.fallback,
                 cache: self.cache.map(|(n, age)| DoneCache::new(n, age)),
-                pending: Mutex::new(HashMap::new()),
-                pending_len: AtomicUsize::new(0),
+                pending: PendingOps::new(PENDING_MAX),
                 complete: Script::new(COMPLETE_LUA),
                 release: Script::new(RELEASE_LUA),
                 counters: Counters::default(),
@@ -396,27 +404,6 @@ impl Conn {
     }
 }
 
-/// An operation this process could not finish, done on the next claim of
-/// the same key (before the claim itself, in the same pipeline).
-#[derive(Debug)]
-enum PendingOp {
-    Release {
-        lease: [u8; LEASE_LEN],
-    },
-    Complete {
-        /// Empty for a fallback run that held no lease.
-        lease: Vec<u8>,
-        done: Vec<u8>,
-        ttl_ms: u64,
-    },
-}
-
-#[derive(Debug)]
-struct Pending {
-    op: PendingOp,
-    until: Instant,
-}
-
 struct Inner {
     conn: Conn,
     prefix: String,
@@ -426,9 +413,7 @@ struct Inner {
     timeout: Duration,
     fallback: Fallback,
     cache: Option<DoneCache>,
-    pending: Mutex<HashMap<Box<str>, Pending>>,
-    /// `pending.len()`, read without the lock on the hot path.
-    pending_len: AtomicUsize,
+    pending: PendingOps,
     complete: Script,
     release: Script,
     counters: Counters,
@@ -844,36 +829,21 @@ impl RedisStore {
         }
     }
 
-    fn remember(&self, key: &str, pending: Pending) {
-        let mut map = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= PENDING_MAX {
-            let now = Instant::now();
-            map.retain(|_, p| p.until > now);
+    fn remember(&self, key: &str, op: PendingOp, until: Instant) {
+        if !self.inner.pending.remember(key, op, until, Instant::now()) {
+            tracing::warn!(
+                key,
+                "too many Redis operations waiting for Redis to come back; this one is dropped, its lease expires on its own"
+            );
         }
-        if map.len() < PENDING_MAX {
-            map.insert(key.into(), pending);
-        }
-        self.inner.pending_len.store(map.len(), Ordering::Relaxed);
     }
 
     /// Takes the remembered operations of these keys (none, cheaply, when
     /// nothing is remembered).
     fn take_pending(&self, keys: &Keys, items: &[usize]) -> Option<Vec<Option<PendingOp>>> {
-        if self.inner.pending_len.load(Ordering::Relaxed) == 0 {
-            return None;
-        }
-        let now = Instant::now();
-        let mut map = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let taken: Vec<Option<PendingOp>> = items
-            .iter()
-            .map(|&i| {
-                map.remove(keys.get(i))
-                    .filter(|p| p.until > now)
-                    .map(|p| p.op)
-            })
-            .collect();
-        self.inner.pending_len.store(map.len(), Ordering::Relaxed);
-        taken.iter().any(Option::is_some).then_some(taken)
+        self.inner
+            .pending
+            .take(items.iter().map(|&i| keys.get(i)), Instant::now())
     }
 
     async fn claim_all(&self, requests: &[ClaimRequest<'_>]) -> Result<Vec<Claim>, StoreError> {
@@ -1106,7 +1076,7 @@ impl RedisStore {
             (reply, _) => {
                 tracing::warn!(key, reply = ?reply, "remembered Redis operation failed again; keeping it for the next claim");
                 let until = Instant::now() + PENDING_COMPLETE_FOR;
-                self.remember(key, Pending { op, until });
+                self.remember(key, op, until);
             }
         }
     }
@@ -1135,7 +1105,7 @@ impl RedisStore {
                 PendingOp::Complete { .. } => Instant::now() + PENDING_COMPLETE_FOR,
                 PendingOp::Release { .. } => Instant::now() + r.lease,
             };
-            self.remember(key, Pending { op, until });
+            self.remember(key, op, until);
         }
     }
 
@@ -1215,7 +1185,7 @@ impl RedisStore {
                 ttl_ms: r.ttl.map_or(0, millis),
             };
             let until = Instant::now() + PENDING_COMPLETE_FOR;
-            self.remember(keys.get(i), Pending { op, until });
+            self.remember(keys.get(i), op, until);
         };
         let values = match replies {
             Ok(v) => v,
@@ -1292,7 +1262,7 @@ impl RedisStore {
                 lease: record::lease_value(c.token, c.request.fingerprint),
             };
             let until = Instant::now() + c.request.lease;
-            self.remember(keys.get(i), Pending { op, until });
+            self.remember(keys.get(i), op, until);
         };
         let values = match replies {
             Ok(v) => v,
