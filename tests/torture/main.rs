@@ -1,5 +1,6 @@
 //! Crash torture: three real OS processes of the idem service in
-//! `service.rs` (this test binary, re-run with `TORTURE_ROLE=service`) consume one Redis Streams group while a
+//! `service.rs` (this test binary, re-run with `TORTURE_ROLE=service`)
+//! consume one group (Redis Streams, NATS JetStream or RabbitMQ) while a
 //! producer publishes unique business keys, producer retries (same key, new
 //! message id), replays and poison messages, and the harness kills a random
 //! process with SIGKILL at random moments and restarts it. At the end every
@@ -12,18 +13,31 @@
 //! TORTURE_MESSAGES=10000 TORTURE_KILLS=100 cargo test --release --all-features --test torture
 //! ```
 //!
-//! `TORTURE_STORES=postgres` (or `redis`) runs one store only.
+//! `TORTURE_SCENARIOS=postgres,nats` runs some of the scenarios: `postgres`
+//! (Redis Streams + PostgreSQL store), `redis` (Redis Streams + Redis store),
+//! `nats` and `rabbitmq` (that broker + PostgreSQL store), `outages`.
 
+#[path = "../common/brokers.rs"]
+mod brokers;
+#[path = "../common/mod.rs"]
+mod common;
+#[path = "../common/fixtures/nats.rs"]
+mod nats_fixture;
 #[path = "../common/pg.rs"]
 mod pg;
+#[path = "../common/fixtures/rabbitmq.rs"]
+mod rabbitmq_fixture;
 #[path = "../common/redis.rs"]
 mod redis_server;
+#[path = "../common/fixtures/redis_streams.rs"]
+mod redis_streams_fixture;
 mod service;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use brokers::{Broker, TestMessage};
 use idem::store::postgres::PostgresStore;
 use redis::AsyncCommands;
 use sqlx::PgPool;
@@ -52,22 +66,52 @@ enum StoreKind {
     Redis,
 }
 
+/// A broker fixture the services can be pointed at.
+trait TortureBroker: Broker {
+    /// `TORTURE_BROKER` of the service.
+    const SERVICE: &'static str;
+    fn url(&self) -> String;
+}
+
+impl TortureBroker for redis_streams_fixture::Redis {
+    const SERVICE: &'static str = "redis-streams";
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+}
+
+impl TortureBroker for nats_fixture::Nats {
+    const SERVICE: &'static str = "nats";
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+}
+
+impl TortureBroker for rabbitmq_fixture::Rabbit {
+    const SERVICE: &'static str = "rabbitmq";
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+}
+
 /// One run: its names, servers and processes.
-struct Harness {
+struct Harness<B: TortureBroker> {
+    broker: B,
     store: StoreKind,
     run: String,
     schema: String,
     db_url: String,
-    redis_url: String,
+    stats_url: String,
     pool: PgPool,
-    redis: redis::aio::MultiplexedConnection,
+    stats: redis::aio::MultiplexedConnection,
     children: Vec<Option<Child>>,
     logs: std::path::PathBuf,
     kills: usize,
+    published: usize,
 }
 
-impl Harness {
-    async fn new(store: StoreKind, db_url: &str, redis_url: &str) -> Harness {
+impl<B: TortureBroker> Harness<B> {
+    async fn new(store: StoreKind, broker: B, db_url: &str, stats_url: &str) -> Harness<B> {
         let run = format!("t{:08x}-", fastrand::u32(..));
         let schema = format!("idem_torture_{}", run.trim_end_matches('-'));
         let admin = pg::connect(db_url, None, 1).await;
@@ -87,30 +131,32 @@ impl Harness {
             .execute(&pool)
             .await
             .unwrap();
-        let redis = redis::Client::open(redis_url)
+        let stats = redis::Client::open(stats_url)
             .unwrap()
             .get_multiplexed_async_connection()
             .await
             .unwrap_or_else(|e| {
-                panic!("Redis at {redis_url} is not reachable ({e}): start it (./scripts/services.sh) or set REDIS_URL")
+                panic!("Redis at {stats_url} is not reachable ({e}): start it (./scripts/services.sh) or set REDIS_URL")
             });
         let logs = std::env::temp_dir().join(format!("idem-torture-{run}logs"));
         std::fs::create_dir_all(&logs).unwrap();
         Harness {
+            broker,
             store,
             run,
             schema,
             db_url: db_url.to_owned(),
-            redis_url: redis_url.to_owned(),
+            stats_url: stats_url.to_owned(),
             pool,
-            redis,
+            stats,
             children: (0..PROCESSES).map(|_| None).collect(),
             logs,
             kills: 0,
+            published: 0,
         }
     }
 
-    fn stream(&self) -> String {
+    fn topic(&self) -> String {
         format!("{}torture", self.run)
     }
 
@@ -130,6 +176,8 @@ impl Harness {
             .unwrap();
         let child = Command::new(std::env::current_exe().expect("own path"))
             .env("TORTURE_ROLE", "service")
+            .env("TORTURE_BROKER", B::SERVICE)
+            .env("TORTURE_BROKER_URL", self.broker.url())
             .env("TORTURE_RUN", &self.run)
             .env(
                 "TORTURE_STORE",
@@ -140,15 +188,15 @@ impl Harness {
             )
             .env("TORTURE_SCHEMA", &self.schema)
             .env("TORTURE_CONSUMER", format!("c{i}"))
-            .env("TORTURE_CLAIM_IDLE_MS", "400")
+            .env("TORTURE_RECLAIM_MS", "500")
             .env("DATABASE_URL", &self.db_url)
-            .env("REDIS_URL", &self.redis_url)
+            .env("REDIS_URL", &self.stats_url)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .expect("start idem-torture-service");
+            .expect("start the torture service (this binary)");
         self.children[i] = Some(child);
     }
 
@@ -166,6 +214,7 @@ impl Harness {
     async fn stop_all(&mut self) {
         for child in self.children.iter_mut().flatten() {
             if let Some(pid) = child.id() {
+                // A positive pid only: `kill -<n>` would mean a process group.
                 let _ = std::process::Command::new("kill")
                     .args(["-TERM", &pid.to_string()])
                     .status();
@@ -185,66 +234,50 @@ impl Harness {
         }
     }
 
-    async fn xadd(&mut self, payload: &str) {
-        let stream = self.stream();
-        let _: String = self
-            .redis
-            .xadd(&stream, "*", &[("payload", payload)])
-            .await
-            .expect("XADD");
-    }
-
-    /// (pending entries, entries not yet delivered to the group).
-    async fn backlog(&mut self) -> (u64, u64) {
-        let summary: redis::Value = redis::cmd("XPENDING")
-            .arg(self.stream())
-            .arg(self.group())
-            .query_async(&mut self.redis)
-            .await
-            .unwrap_or(redis::Value::Nil);
-        let pending = match summary {
-            redis::Value::Array(v) if !v.is_empty() => {
-                redis::from_redis_value::<u64>(v[0].clone()).unwrap_or(0)
-            }
-            _ => 0,
-        };
-        let groups: Vec<BTreeMap<String, redis::Value>> = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(self.stream())
-            .query_async(&mut self.redis)
-            .await
-            .unwrap_or_default();
-        let group = self.group();
-        let lag = groups
+    /// Publishes payloads, each as a new message (its own message id).
+    async fn publish(&mut self, payloads: &[String]) {
+        let messages: Vec<TestMessage> = payloads
             .iter()
-            .find(|g| {
-                g.get("name")
-                    .and_then(|n| redis::from_redis_value::<String>(n.clone()).ok())
-                    .is_some_and(|n| n == group)
+            .map(|p| {
+                self.published += 1;
+                TestMessage {
+                    id: format!("{}m{}", self.run, self.published),
+                    payload: p.clone().into_bytes(),
+                    headers: Vec::new(),
+                }
             })
-            .and_then(|g| g.get("lag"))
-            .and_then(|l| redis::from_redis_value::<u64>(l.clone()).ok())
-            .unwrap_or(u64::MAX);
-        (pending, lag)
+            .collect();
+        let topic = self.topic();
+        self.broker.publish(&topic, &messages).await;
     }
 
-    /// Waits until the group has consumed and settled everything.
+    async fn effect_rows(&self) -> i64 {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM effects")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(-1)
+    }
+
+    /// Waits until the broker has nothing pending for the group and the
+    /// effects stopped changing (three quiet polls in a row).
     async fn wait_settled(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        let mut quiet = 0;
+        let (mut quiet, mut last) = (0, -1);
         while quiet < 3 {
-            let (pending, lag) = self.backlog().await;
-            quiet = if pending == 0 && lag == 0 {
+            let settled = self.broker.settled(&self.topic(), &self.group()).await;
+            let rows = self.effect_rows().await;
+            quiet = if settled.is_ok() && rows == last {
                 quiet + 1
             } else {
                 0
             };
+            last = rows;
             assert!(
                 Instant::now() < deadline,
-                "not settled after {timeout:?}: {pending} pending, lag {lag} (logs in {})",
+                "not settled after {timeout:?}: {settled:?}, {rows} effect rows (logs in {})",
                 self.logs.display()
             );
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 
@@ -257,27 +290,23 @@ impl Harness {
             .collect()
     }
 
-    /// The dead-letter stream's original keys / payloads.
-    async fn dead_letters(&mut self) -> Vec<String> {
-        let entries: redis::streams::StreamRangeReply = self
-            .redis
-            .xrange_all(format!("{}.dlq", self.stream()))
+    /// The payloads in the dead letters.
+    async fn dead_letters(&self) -> Vec<String> {
+        self.broker
+            .dead_letters(&format!("{}.dlq", self.topic()))
             .await
-            .unwrap();
-        entries
-            .ids
-            .iter()
-            .map(|e| e.get::<String>("payload").unwrap_or_default())
+            .into_iter()
+            .map(|l| String::from_utf8_lossy(&l.payload).into_owned())
             .collect()
     }
 
     /// Counters the processes reported (killed ones: their last report).
     async fn reported(&mut self) -> [u64; 5] {
         let all: BTreeMap<String, String> = self
-            .redis
+            .stats
             .hgetall(format!("{}stats", self.run))
             .await
-            .unwrap();
+            .unwrap_or_default();
         let mut sum = [0u64; 5];
         for line in all.values() {
             for (s, v) in sum.iter_mut().zip(line.split(' ')) {
@@ -285,10 +314,6 @@ impl Harness {
             }
         }
         sum
-    }
-
-    async fn stream_len(&mut self) -> u64 {
-        self.redis.xlen(self.stream()).await.unwrap()
     }
 }
 
@@ -304,7 +329,7 @@ struct Verdict {
 }
 
 /// The torture proper: publish while killing, then settle and count.
-async fn torture(h: &mut Harness, messages: usize, kills: usize) -> Verdict {
+async fn torture<B: TortureBroker>(h: &mut Harness<B>, messages: usize, kills: usize) -> Verdict {
     for i in 0..PROCESSES {
         h.spawn(i);
     }
@@ -314,33 +339,34 @@ async fn torture(h: &mut Harness, messages: usize, kills: usize) -> Verdict {
     let kill_every = (messages / kills.max(1)).max(1);
     let mut next_kill = rng.usize(1..=2 * kill_every);
     let mut retries = 0;
+    let mut chunk = Vec::new();
     for i in 0..messages {
-        h.xadd(&format!(r#"{{"key":"k{i}"}}"#)).await;
+        chunk.push(format!(r#"{{"key":"k{i}"}}"#));
         if rng.u8(..) < 26 {
-            // Producer retry: same business key, a new entry (new id).
-            let k = rng.usize(0..=i);
-            h.xadd(&format!(r#"{{"key":"k{k}"}}"#)).await;
+            // Producer retry: same business key, a new message.
+            chunk.push(format!(r#"{{"key":"k{}"}}"#, rng.usize(0..=i)));
             retries += 1;
         }
-        if i % 250 == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        if chunk.len() >= 25 || i + 1 == messages {
+            h.publish(&chunk).await;
+            chunk.clear();
         }
         if i + 1 == next_kill && h.kills < kills {
             h.kill_and_restart(rng.usize(0..PROCESSES)).await;
             next_kill += rng.usize(1..=2 * kill_every);
         }
     }
-    for p in 0..POISON_REFUSED {
-        h.xadd(&format!(r#"{{"key":"poison{p}","poison":true}}"#))
-            .await;
-    }
-    for p in 0..POISON_GARBLED {
-        h.xadd(&format!(r#"{{"key":"garbled{p}""#)).await;
-    }
+    let mut poison: Vec<String> = (0..POISON_REFUSED)
+        .map(|p| format!(r#"{{"key":"poison{p}","poison":true}}"#))
+        .collect();
+    poison.extend((0..POISON_GARBLED).map(|p| format!(r#"{{"key":"garbled{p}""#)));
+    h.publish(&poison).await;
     // A replay of a slice of the stream (an operator re-publishing).
-    for i in (0..messages).step_by(20) {
-        h.xadd(&format!(r#"{{"key":"k{i}"}}"#)).await;
-    }
+    let replay: Vec<String> = (0..messages)
+        .step_by(20)
+        .map(|i| format!(r#"{{"key":"k{i}"}}"#))
+        .collect();
+    h.publish(&replay).await;
     // Whatever kills are left happen while the backlog drains.
     while h.kills < kills {
         tokio::time::sleep(Duration::from_millis(rng.u64(20..200))).await;
@@ -348,6 +374,10 @@ async fn torture(h: &mut Harness, messages: usize, kills: usize) -> Verdict {
     }
     h.wait_settled(Duration::from_secs(180)).await;
     h.stop_all().await;
+    // With every consumer gone, nothing may be left on the broker.
+    if let Err(left) = h.broker.settled(&h.topic(), &h.group()).await {
+        panic!("{} left after the run: {left}", B::NAME);
+    }
 
     let effects = h.effects().await;
     let expected: BTreeSet<String> = (0..messages).map(|i| format!("k{i}")).collect();
@@ -367,28 +397,25 @@ async fn torture(h: &mut Harness, messages: usize, kills: usize) -> Verdict {
         .cloned()
         .collect();
     let letters = h.dead_letters().await;
-    let entries = h.stream_len().await;
     let [received, processed, duplicate, failed, dead] = h.reported().await;
     println!(
-        "torture ({:?} store): messages {messages} (+{retries} producer retries, +{} replays, +{} poison), \
-         stream entries {entries}, kills {}, deliveries ≥ {received} (redeliveries ≥ {}), handler commits ≥ {processed}, \
-         duplicates skipped ≥ {duplicate}, failures ≥ {failed}, dead-lettered {dead}, effects {}, lost = {}, doubled = {}",
+        "torture ({}, {:?} store): messages {messages} (+{retries} producer retries, +{} replays, +{} poison; {} published), \
+         kills {}, deliveries ≥ {received}, handler commits ≥ {processed}, duplicates skipped ≥ {duplicate}, \
+         failures ≥ {failed}, dead-lettered {dead}, effects {}, lost = {}, doubled = {}",
+        B::NAME,
         h.store,
-        messages.div_ceil(20),
-        POISON_REFUSED + POISON_GARBLED,
+        replay.len(),
+        poison.len(),
+        h.published,
         h.kills,
-        received.saturating_sub(entries),
         effects.len(),
         lost.len(),
         doubled.len(),
     );
     // The planted poison, and only that, is in the dead letters (a poison
-    // entry may be dead-lettered twice if two consumers gave up on it in the
-    // same instant; each is still one of ours).
-    let planted: BTreeSet<String> = (0..POISON_REFUSED)
-        .map(|p| format!(r#"{{"key":"poison{p}","poison":true}}"#))
-        .chain((0..POISON_GARBLED).map(|p| format!(r#"{{"key":"garbled{p}""#)))
-        .collect();
+    // message may be dead-lettered twice if two consumers gave up on it in
+    // the same instant; each is still one of ours).
+    let planted: BTreeSet<String> = poison.into_iter().collect();
     let found: BTreeSet<String> = letters.iter().cloned().collect();
     assert_eq!(
         found, planted,
@@ -404,8 +431,19 @@ async fn torture(h: &mut Harness, messages: usize, kills: usize) -> Verdict {
     }
 }
 
-async fn postgres_store_loses_nothing_and_doubles_nothing(messages: usize, kills: usize) {
-    let mut h = Harness::new(StoreKind::Postgres, &pg::url(), &redis_url()).await;
+/// SIGKILL torture with the PostgreSQL store: the run fails on any lost or
+/// doubled effect.
+async fn postgres_store_loses_nothing_and_doubles_nothing<B: TortureBroker>(
+    messages: usize,
+    kills: usize,
+) {
+    let mut h = Harness::new(
+        StoreKind::Postgres,
+        B::shared().await,
+        &pg::url(),
+        &redis_url(),
+    )
+    .await;
     let v = torture(&mut h, messages, kills).await;
     assert_eq!(v.kills, kills);
     assert!(v.lost.is_empty(), "lost effects: {:?}", v.lost);
@@ -413,6 +451,7 @@ async fn postgres_store_loses_nothing_and_doubles_nothing(messages: usize, kills
     assert!(v.unexpected.is_empty(), "{:?}", v.unexpected);
     assert!(v.dead_letters >= POISON_REFUSED + POISON_GARBLED);
     assert_eq!(v.keys, messages);
+    h.broker.cleanup(&h.topic()).await;
 }
 
 /// The Redis store holds a lease, not a transaction with the effect: a kill
@@ -424,7 +463,8 @@ async fn redis_store_loses_nothing_and_doubles_only_in_the_lease_window(
     messages: usize,
     kills: usize,
 ) {
-    let mut h = Harness::new(StoreKind::Redis, &pg::url(), &redis_url()).await;
+    let broker = redis_streams_fixture::Redis::shared().await;
+    let mut h = Harness::new(StoreKind::Redis, broker, &pg::url(), &redis_url()).await;
     let v = torture(&mut h, messages, kills).await;
     assert!(v.lost.is_empty(), "lost effects: {:?}", v.lost);
     assert!(v.unexpected.is_empty(), "{:?}", v.unexpected);
@@ -441,6 +481,7 @@ async fn redis_store_loses_nothing_and_doubles_only_in_the_lease_window(
         v.kills,
         v.doubled
     );
+    h.broker.cleanup(&h.topic()).await;
 }
 
 /// Store and broker outages: PostgreSQL (the store) and Redis (the broker)
@@ -452,17 +493,18 @@ async fn outages_are_ridden_out(messages: usize) {
         .await
         .unwrap();
     // The broker must keep what it acknowledged across a crash: AOF, fsync always.
-    let mut broker =
+    let mut server =
         redis_server::RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]).await;
-    let mut h = Harness::new(StoreKind::Postgres, &db.url(), &broker.url()).await;
+    let broker = redis_streams_fixture::Redis { url: server.url() };
+    let mut h = Harness::new(StoreKind::Postgres, broker, &db.url(), &server.url()).await;
     for i in 0..PROCESSES {
         h.spawn(i);
     }
     // The producer publishes at a steady pace all through the outages, and
     // retries while the broker is down (as a real producer would; a retry
     // whose first try did land is a producer duplicate, deduplicated).
-    let stream = h.stream();
-    let producer_conn = redis::Client::open(broker.url())
+    let stream = h.topic();
+    let producer_conn = redis::Client::open(server.url())
         .unwrap()
         .get_connection_manager()
         .await
@@ -481,17 +523,8 @@ async fn outages_are_ridden_out(messages: usize) {
             tokio::time::sleep(Duration::from_millis(4)).await;
         }
     });
-    let effects = |h: &Harness| {
-        let pool = h.pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM effects")
-                .fetch_one(&pool)
-                .await
-                .unwrap_or(-1)
-        }
-    };
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let at_first = effects(&h).await;
+    let at_first = h.effect_rows().await;
     let started = Instant::now();
     tokio::task::block_in_place(|| {
         db.kill();
@@ -503,18 +536,18 @@ async fn outages_are_ridden_out(messages: usize) {
         started.elapsed()
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let at_second = effects(&h).await;
+    let at_second = h.effect_rows().await;
     let started = Instant::now();
-    broker.kill();
+    server.kill();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    broker.restart().await;
+    server.restart().await;
     println!(
         "outages: Redis (broker) down and back after {:.1?}",
         started.elapsed()
     );
     producer.await.unwrap();
-    // The harness's own connection went down with the server.
-    h.redis = redis::Client::open(broker.url())
+    // The harness's own stats connection went down with the server.
+    h.stats = redis::Client::open(server.url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
@@ -559,22 +592,30 @@ fn main() {
     }
     let messages = env_usize("TORTURE_MESSAGES", 2_000);
     let kills = env_usize("TORTURE_KILLS", 20);
-    let stores =
-        std::env::var("TORTURE_STORES").unwrap_or_else(|_| "postgres,redis,outages".into());
-    for store in stores.split(',') {
-        println!("test torture::{store} ({messages} messages, {kills} SIGKILLs, or outages) ...");
-        match store.trim() {
-            "postgres" => rt.block_on(postgres_store_loses_nothing_and_doubles_nothing(
-                messages, kills,
-            )),
+    let scenarios = std::env::var("TORTURE_SCENARIOS")
+        .unwrap_or_else(|_| "postgres,redis,nats,rabbitmq,outages".into());
+    for scenario in scenarios.split(',').map(str::trim) {
+        println!(
+            "test torture::{scenario} ({messages} messages, {kills} SIGKILLs or 2 outages) ..."
+        );
+        match scenario {
+            "postgres" => rt.block_on(postgres_store_loses_nothing_and_doubles_nothing::<
+                redis_streams_fixture::Redis,
+            >(messages, kills)),
+            "nats" => rt.block_on(postgres_store_loses_nothing_and_doubles_nothing::<
+                nats_fixture::Nats,
+            >(messages, kills)),
+            "rabbitmq" => rt.block_on(postgres_store_loses_nothing_and_doubles_nothing::<
+                rabbitmq_fixture::Rabbit,
+            >(messages, kills)),
             "redis" => rt.block_on(
                 redis_store_loses_nothing_and_doubles_only_in_the_lease_window(messages, kills),
             ),
             "outages" => rt.block_on(outages_are_ridden_out(messages.min(2_000))),
-            other => {
-                panic!("TORTURE_STORES: unknown scenario {other:?} (postgres, redis, outages)")
-            }
+            other => panic!(
+                "TORTURE_SCENARIOS: unknown scenario {other:?} (postgres, redis, nats, rabbitmq, outages)"
+            ),
         }
-        println!("test torture::{store} ... ok");
+        println!("test torture::{scenario} ... ok");
     }
 }

@@ -1,20 +1,24 @@
 //! The idem service the crash-torture harness (`main.rs`) runs as real OS
-//! processes (itself, with `TORTURE_ROLE=service`) and kills with SIGKILL: a Redis Streams consumer that
+//! processes (itself, with `TORTURE_ROLE=service`) and kills with SIGKILL: a consumer (Redis Streams, NATS JetStream or RabbitMQ) that
 //! writes one effect row per business key into PostgreSQL, deduplicated by
 //! the PostgreSQL store (effect and dedup row in one transaction) or by the
 //! Redis store (a lease; the effect row written outside any transaction).
 //!
 //! Configured by the harness through the environment:
-//! `TORTURE_RUN` (prefix of the stream and groups), `TORTURE_STORE`
-//! (`postgres` | `redis`), `TORTURE_SCHEMA`, `TORTURE_CONSUMER`,
-//! `TORTURE_CLAIM_IDLE_MS`, `DATABASE_URL`, `REDIS_URL`. Every 50 ms it
+//! `TORTURE_BROKER` (`redis-streams` | `nats` | `rabbitmq`) and
+//! `TORTURE_BROKER_URL`, `TORTURE_RUN` (prefix of topics and groups),
+//! `TORTURE_STORE` (`postgres` | `redis`), `TORTURE_SCHEMA`,
+//! `TORTURE_CONSUMER`, `TORTURE_RECLAIM_MS`, `DATABASE_URL`, `REDIS_URL`. Every 50 ms it
 //! writes its counters to the Redis hash `<run>stats`, field
 //! `<consumer>/<pid>`, so the harness can add up what killed processes did.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use idem::Source;
 use idem::source::namespaced::Namespaced;
+use idem::source::nats::NatsJetStream;
+use idem::source::rabbitmq::RabbitMq;
 use idem::source::redis_streams::RedisStreams;
 use idem::store::postgres::PostgresStore;
 use idem::store::redis::RedisStore;
@@ -111,10 +115,38 @@ pub(crate) async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let run = env("TORTURE_RUN", "torture-");
+    let broker_url = env("TORTURE_BROKER_URL", "redis://127.0.0.1:6379");
+    let consumer = env("TORTURE_CONSUMER", "c0");
+    // A crashed consumer's messages come back after this long.
+    let reclaim = Duration::from_millis(env("TORTURE_RECLAIM_MS", "500").parse()?);
+    match env("TORTURE_BROKER", "redis-streams").as_str() {
+        "redis-streams" => {
+            let source = RedisStreams::new(&broker_url)?
+                .consumer_name(consumer)
+                .claim_idle(reclaim)
+                .block(Duration::from_millis(100));
+            serve(Namespaced::new(source, run)).await
+        }
+        "nats" => {
+            let source = NatsJetStream::new(&broker_url)?
+                .ack_wait(reclaim)
+                .fetch_wait(Duration::from_millis(100));
+            serve(Namespaced::new(source, run)).await
+        }
+        "rabbitmq" => {
+            let source = RabbitMq::new(&broker_url)?.fetch_wait(Duration::from_millis(100));
+            serve(Namespaced::new(source, run)).await
+        }
+        other => Err(format!("TORTURE_BROKER: unknown broker {other:?}").into()),
+    }
+}
+
+/// Runs the chosen handler over `source` until SIGTERM, reporting counters.
+async fn serve<S: Source>(source: Namespaced<S>) -> Result<(), Box<dyn std::error::Error>> {
+    let run = source.prefix().to_owned();
     let store_kind = env("TORTURE_STORE", "postgres");
     let schema = env("TORTURE_SCHEMA", "public");
     let consumer = env("TORTURE_CONSUMER", "c0");
-    let claim_idle = Duration::from_millis(env("TORTURE_CLAIM_IDLE_MS", "500").parse()?);
     let db_url = env(
         "DATABASE_URL",
         "postgres://postgres@127.0.0.1:5432/postgres",
@@ -126,13 +158,6 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .max_connections(16)
         .connect_with(options.options([("search_path", schema.as_str())]))
         .await?;
-    let source = Namespaced::new(
-        RedisStreams::new(&redis_url)?
-            .consumer_name(consumer.clone())
-            .claim_idle(claim_idle)
-            .block(Duration::from_millis(100)),
-        run.clone(),
-    );
     let builder = Runtime::builder(source).concurrency(8);
     let (builder, handler) = if store_kind == "redis" {
         POOL.set(pool.clone()).expect("set once");
@@ -147,10 +172,12 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     };
     let runtime = builder.handlers([handler]).build()?;
 
+    // Counters go to REDIS_URL (the shared Redis, or the broker's own in the
+    // outage run), so the harness can add up what killed processes did.
     let stats_key = format!("{run}stats");
     let field = format!("{consumer}/{}", std::process::id());
     let client = redis::Client::open(redis_url.as_str())?;
-    // Reconnects by itself when the broker's Redis restarts.
+    // Reconnects by itself when that Redis restarts.
     let mut conn = client.get_connection_manager().await?;
     let report = |s: Option<idem::Stats>| {
         let s = s.unwrap_or_default();
