@@ -12,11 +12,12 @@
 //! - the in-process cache tier off and on, with hot duplicates.
 //!
 //! ```text
-//! cargo run --release --example bench_redis --features redis [-- <messages>]
+//! cargo run --release --example bench_redis --features redis [-- <messages> [<runs>]]
 //! ```
 //!
 //! Reads `REDIS_URL` (default `redis://127.0.0.1:6379`). Prints messages/s
-//! and the ratios. One idem message is two round trips (claim, then
+//! and the ratios; each figure is the best of `<runs>` (default 3)
+//! interleaved runs, with the worst beside it (a shared machine is noisy). One idem message is two round trips (claim, then
 //! completion after the handler) and three Redis commands (`SET … NX GET PX`;
 //! `GET` + `SET` inside the completion script, one script call per batch),
 //! where `redis-benchmark` sends one `SET` per request.
@@ -347,23 +348,28 @@ async fn clean(url: &str, prefix: &str) {
     }
 }
 
-fn row(name: &str, rate: f64, base: Option<f64>, base_name: &str) {
-    match base {
-        Some(b) => println!(
-            "  {name:<44} {rate:>10.0} msg/s   {:>5.1} % of {base_name}",
-            100.0 * rate / b
-        ),
-        None => println!("  {name:<44} {rate:>10.0} msg/s"),
-    }
+/// The best of several runs: on a shared machine the slow runs measure the
+/// neighbours, not the code.
+fn best(runs: &[f64]) -> f64 {
+    runs.iter().copied().fold(0.0, f64::max)
+}
+
+/// One row per figure: best rate, and the spread of the runs.
+fn row(name: &str, runs: &[f64], base: Option<f64>, base_name: &str) {
+    let rate = best(runs);
+    let worst = runs.iter().copied().fold(f64::INFINITY, f64::min);
+    let ratio = base.map_or(String::new(), |b| {
+        format!("{:>6.1} % of {base_name}", 100.0 * rate / b)
+    });
+    println!("  {name:<44} {rate:>9.0} msg/s (worst {worst:>7.0})  {ratio}");
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(50_000);
+    let mut args = std::env::args().skip(1);
+    let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(50_000);
+    let reps: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3).max(1);
     let run = format!("idem-bench-{}", std::process::id());
     let store = match RedisStore::builder(&url).prefix(&run).connect().await {
         Ok(s) => s,
@@ -372,13 +378,11 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let shown = format!("{store:?}");
     println!(
-        "{n} messages per measurement, Redis at {:?}, release build: {}",
-        format!("{store:?}")
-            .split('"')
-            .nth(1)
-            .unwrap_or("?")
-            .to_owned(),
+        "{n} messages per measurement (batch: {}), best of {reps} runs, Redis at {}, release build: {}",
+        n * 2,
+        shown.split('"').nth(1).unwrap_or("?"),
         !cfg!(debug_assertions)
     );
 
@@ -392,109 +396,114 @@ async fn main() -> ExitCode {
     )
     .await;
 
-    println!("\nsingle (ack = \"auto\", {SINGLE_DEPTH} messages in flight)");
-    let rb_single = redis_benchmark(&url, n, SINGLE_DEPTH, 1);
-    let hand_single = run_hand_loop(&url, &format!("{run}-hs"), n, 1, SINGLE_DEPTH).await;
-    let store_single = run_store_loop(&store, "ss", n, 1, SINGLE_DEPTH).await;
-    let idem_single = run_idem(
-        store.clone(),
-        "bench-single",
-        "single",
-        (0..n).map(|i| msg(&format!("s{i}"))),
-        SINGLE_DEPTH,
-    )
-    .await;
-    if let Some(rb) = rb_single {
-        row("redis-benchmark SET NX PX (-c 16 -P 1)", rb, None, "");
-    }
-    row(
-        "hand-written loop, same commands",
-        hand_single,
-        rb_single,
-        "redis-benchmark",
-    );
-    row(
-        "RedisStore claim + commit, no runtime",
-        store_single,
-        rb_single,
-        "redis-benchmark",
-    );
-    row("idem", idem_single, rb_single, "redis-benchmark");
-    row(
-        "idem vs hand-written loop",
-        idem_single,
-        Some(hand_single),
-        "hand loop",
-    );
-    let mem_single = run_idem(
-        MemoryStore::new(),
-        "mem-single",
-        "single",
-        (0..n).map(|i| msg(&format!("s{i}"))),
-        SINGLE_DEPTH,
-    )
-    .await;
-    row(
-        "idem on store = \"memory\" (no Redis: ceiling)",
-        mem_single,
-        None,
-        "",
-    );
-
-    println!("\nbatch (ack = \"batch\", {BATCH} per batch, one batch in flight)");
-    let rb_batch = redis_benchmark(&url, n * 2, 1, BATCH);
-    let hand_batch = run_hand_loop(&url, &format!("{run}-hb"), n * 2, BATCH, 1).await;
-    let store_batch = run_store_loop(&store, "sb", n * 2, BATCH, 1).await;
-    let idem_batch = run_idem(
-        store.clone(),
-        "bench-batch",
-        "batch",
-        (0..n * 2).map(|i| msg(&format!("b{i}"))),
-        BATCH,
-    )
-    .await;
-    if let Some(rb) = rb_batch {
-        row("redis-benchmark SET NX PX (-c 1 -P 64)", rb, None, "");
-    }
-    row(
-        "hand-written loop, same commands",
-        hand_batch,
-        rb_batch,
-        "redis-benchmark",
-    );
-    row(
-        "RedisStore claim + commit, no runtime",
-        store_batch,
-        rb_batch,
-        "redis-benchmark",
-    );
-    row("idem", idem_batch, rb_batch, "redis-benchmark");
-    row(
-        "idem vs hand-written loop",
-        idem_batch,
-        Some(hand_batch),
-        "hand loop",
-    );
-    let mem_batch = run_idem(
-        MemoryStore::new(),
-        "mem-batch",
-        "batch",
-        (0..n * 2).map(|i| msg(&format!("b{i}"))),
-        BATCH,
-    )
-    .await;
-    row(
-        "idem on store = \"memory\" (no Redis: ceiling)",
-        mem_batch,
-        None,
-        "",
-    );
-    if let Some(rb) = rb_batch {
-        println!(
-            "  Redis runs 3 commands per idem message (SET NX GET PX; GET + SET in the batch's one script call): {:.0} commands/s = {:.1} % of redis-benchmark's SET rate at -P 64",
-            idem_batch * 3.0,
-            100.0 * idem_batch * 3.0 / rb
+    // [redis-benchmark, hand loop, store API, idem, idem on memory] × (single, batch)
+    let mut single: [Vec<f64>; 5] = Default::default();
+    let mut batch: [Vec<f64>; 5] = Default::default();
+    for r in 0..reps {
+        // Each step's rate; the runs are interleaved so that a noisy moment
+        // does not hit one row only.
+        if let Some(rb) = redis_benchmark(&url, n, SINGLE_DEPTH, 1) {
+            single[0].push(rb);
+        }
+        single[1].push(run_hand_loop(&url, &format!("{run}-hs{r}"), n, 1, SINGLE_DEPTH).await);
+        single[2].push(run_store_loop(&store, &format!("ss{r}-"), n, 1, SINGLE_DEPTH).await);
+        single[3].push(
+            run_idem(
+                store.clone(),
+                "bench-single",
+                "single",
+                (0..n).map(|i| msg(&format!("s{r}-{i}"))),
+                SINGLE_DEPTH,
+            )
+            .await,
         );
+        single[4].push(
+            run_idem(
+                MemoryStore::new(),
+                "mem-single",
+                "single",
+                (0..n).map(|i| msg(&format!("s{i}"))),
+                SINGLE_DEPTH,
+            )
+            .await,
+        );
+        if let Some(rb) = redis_benchmark(&url, n * 2, 1, BATCH) {
+            batch[0].push(rb);
+        }
+        batch[1].push(run_hand_loop(&url, &format!("{run}-hb{r}"), n * 2, BATCH, 1).await);
+        batch[2].push(run_store_loop(&store, &format!("sb{r}-"), n * 2, BATCH, 1).await);
+        batch[3].push(
+            run_idem(
+                store.clone(),
+                "bench-batch",
+                "batch",
+                (0..n * 2).map(|i| msg(&format!("b{r}-{i}"))),
+                BATCH,
+            )
+            .await,
+        );
+        batch[4].push(
+            run_idem(
+                MemoryStore::new(),
+                "mem-batch",
+                "batch",
+                (0..n * 2).map(|i| msg(&format!("b{i}"))),
+                BATCH,
+            )
+            .await,
+        );
+        clean(&url, &run).await;
+    }
+
+    for (title, rows, rb_name) in [
+        (
+            format!("single (ack = \"auto\", {SINGLE_DEPTH} messages in flight)"),
+            &single,
+            "redis-benchmark SET NX PX (-c 16 -P 1)",
+        ),
+        (
+            format!("batch (ack = \"batch\", {BATCH} per batch, one batch in flight)"),
+            &batch,
+            "redis-benchmark SET NX PX (-c 1 -P 64)",
+        ),
+    ] {
+        println!("\n{title}");
+        let rb = (!rows[0].is_empty()).then(|| best(&rows[0]));
+        if rb.is_some() {
+            row(rb_name, &rows[0], None, "");
+        }
+        row(
+            "hand-written loop, same commands",
+            &rows[1],
+            rb,
+            "redis-benchmark",
+        );
+        row(
+            "RedisStore claim + commit, no runtime",
+            &rows[2],
+            rb,
+            "redis-benchmark",
+        );
+        row("idem", &rows[3], rb, "redis-benchmark");
+        row(
+            "idem vs hand-written loop",
+            &rows[3],
+            Some(best(&rows[1])),
+            "hand loop",
+        );
+        row(
+            "idem on store = \"memory\" (no Redis: ceiling)",
+            &rows[4],
+            None,
+            "",
+        );
+        if let Some(rb) = rb {
+            let commands = best(&rows[3]) * 3.0;
+            println!(
+                "  Redis runs 3 commands per idem message (SET NX GET PX; GET + SET in the completion script): {commands:.0} commands/s = {:.1} % of redis-benchmark's SET rate",
+                100.0 * commands / rb
+            );
+        }
     }
 
     // Hot duplicates: 1,000 keys processed once, then 20 copies of each
@@ -522,27 +531,32 @@ async fn main() -> ExitCode {
         )
         .await;
         let before = s.stats();
-        let rate = run_idem(
-            s.clone(),
-            "bench-hot",
-            "hot",
-            (0..copies).flat_map(|_| (0..hot_keys).map(|i| msg(&format!("h{i}")))),
-            SINGLE_DEPTH,
-        )
-        .await;
+        let mut runs = Vec::new();
+        for _ in 0..reps {
+            runs.push(
+                run_idem(
+                    s.clone(),
+                    "bench-hot",
+                    "hot",
+                    (0..copies).flat_map(|_| (0..hot_keys).map(|i| msg(&format!("h{i}")))),
+                    SINGLE_DEPTH,
+                )
+                .await,
+            );
+        }
         let after = s.stats();
+        row(label, &runs, None, "");
         println!(
-            "  {label:<44} {rate:>10.0} msg/s   round trips {}, cache hits {}",
+            "    round trips {}, cache hits {} (all runs)",
             after.round_trips - before.round_trips,
             after.cache_hits - before.cache_hits
         );
-        rates.push(rate);
+        rates.push(best(&runs));
         clean(&url, &prefix).await;
     }
     if let [off, on] = rates[..] {
         println!("  cache tier speed-up on hot duplicates: {:.1}x", on / off);
     }
-
     clean(&url, &run).await;
     ExitCode::SUCCESS
 }
