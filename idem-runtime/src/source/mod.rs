@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use crate::delivery::Delivery;
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod memory;
 pub mod namespaced;
 #[cfg(feature = "nats")]

@@ -1,0 +1,1076 @@
+//! Kafka (and Kafka-compatible brokers) as a source, through `rdkafka`:
+//! one consumer group per handler, offsets committed by idem only
+//! (`enable.auto.commit=false`), never past a message that has not finished.
+//!
+//! Not a producer for the application's own messages (use [`rdkafka`], which
+//! this module re-exports so the versions match), and not a topic manager:
+//! idem creates only the dead-letter topic when it is missing.
+//!
+//! How idem's operations map to Kafka:
+//!
+//! | operation | Kafka |
+//! |---|---|
+//! | subscribe | a consumer in group `<handler name>` on the topic, polled by a thread of its own; the dead-letter topic is created (as many partitions as the topic) when missing |
+//! | fetch | messages the poll thread received (`max_buffered` at most: past it the partitions are paused, polling goes on), and nacked messages that are due again |
+//! | message id | `topic/partition/offset`; record headers are headers; the record key is the ordering key |
+//! | ack | marks the offset finished; the partition's commit point is its lowest unfinished offset (see below) |
+//! | ack_many (`ack = "batch"`, `"manual"`) | marks them finished and commits at once |
+//! | nack(delay) | the message stays unfinished (the commit point stays behind it) and is handed out again from this process after `delay`, attempt + 1: Kafka has no per-message redelivery |
+//! | dead letter | produced to `<topic>.dlq` (or the handler's `dead_letter`) with the same key, payload and headers plus `idem-dead-letter-reason`, `idem-attempts`, `idem-handler`, `idem-original-id`, `idem-original-topic`, `idem-original-partition`, `idem-original-offset`; once the broker confirmed it (`acks=all`) the offset is finished |
+//! | commit | synchronous, from the poll thread (never on the async runtime): at most one in flight; when [`commit_interval`](Kafka::commit_interval) passed or [`commit_every`](Kafka::commit_every) messages finished since the last one; at once after `ack_many`; on partition revoke and on shutdown |
+//! | rebalance (revoke) | the partitions' queued and nacked messages are dropped, in-flight ones get [`revoke_timeout`](Kafka::revoke_timeout) to finish, their commit point is committed, then they are released; an ack that arrives later is ignored (the new owner gets the message again and the store finds it done) |
+//!
+//! The committed offset of a partition is the per-partition watermark: the
+//! lowest offset this consumer received that has not finished (handler and
+//! store commit, a duplicate, or a dead letter), or one past the highest
+//! received when all have finished. Messages run concurrently; the commit
+//! never passes one that is still running or waiting for a retry. A crash
+//! therefore redelivers everything from the commit point on, and the dedup
+//! store acks what already committed as duplicates.
+
+mod watermark;
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+pub use rdkafka;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Headers as _, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use self::watermark::Watermark;
+use super::dead_letter_headers as dlh;
+use super::{DeadLetter, SourceError, SubscribeSpec, Subscription};
+use crate::delivery::{Delivery, Headers, Receipt};
+
+const NAME: &str = "kafka";
+
+/// The environment variable [`Kafka::from_env`] reads: the bootstrap
+/// servers, `host:port[,host:port…]`.
+pub const BROKERS_ENV: &str = "KAFKA_BROKERS";
+/// The bootstrap servers used when [`BROKERS_ENV`] is unset.
+pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
+
+/// The extra dead-letter headers of Kafka: where the message was.
+pub mod dead_letter_headers {
+    /// The topic the message was consumed from.
+    pub const ORIGINAL_TOPIC: &str = "idem-original-topic";
+    /// Its partition.
+    pub const ORIGINAL_PARTITION: &str = "idem-original-partition";
+    /// Its offset.
+    pub const ORIGINAL_OFFSET: &str = "idem-original-offset";
+}
+
+/// One offset commit idem is about to send, as seen by
+/// [`Kafka::observe_commits`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitEvent {
+    /// The consumer group.
+    pub group: String,
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The offset committed: the next one the group reads.
+    pub offset: i64,
+    /// Why: `watermark` (it moved), `flush` (after `ack_many`), `revoke` or
+    /// `shutdown`.
+    pub reason: &'static str,
+}
+
+type CommitObserver = Arc<dyn Fn(&CommitEvent) + Send + Sync>;
+
+#[derive(Clone)]
+struct Options {
+    extra: Vec<(String, String)>,
+    commit_interval: Duration,
+    commit_every: usize,
+    revoke_timeout: Duration,
+    max_buffered: usize,
+    poll_timeout: Duration,
+    fetch_wait: Duration,
+    produce_timeout: Duration,
+    observer: Option<CommitObserver>,
+}
+
+/// Kafka source (see the [module docs](self)). Cheap to clone: clones share
+/// their subscriptions' bookkeeping, so a clone can [`closed`](Kafka::closed)
+/// for them.
+///
+/// ```no_run
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use idem_runtime::source::kafka::Kafka;
+///
+/// let source = Kafka::from_env()? // KAFKA_BROKERS, default 127.0.0.1:9092
+///     .set("client.id", "orders-pod-1")
+///     .commit_interval(Duration::from_millis(200));
+/// source.ping().await?;
+/// // idem_runtime::Runtime::builder(source).store(…).build()?.run_until(…).await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Kafka {
+    brokers: Arc<str>,
+    opts: Options,
+    threads: Arc<Mutex<Vec<Arc<Closed>>>>,
+}
+
+impl fmt::Debug for Kafka {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Kafka")
+            .field("brokers", &self.brokers)
+            .field("commit_interval", &self.opts.commit_interval)
+            .field("commit_every", &self.opts.commit_every)
+            .field("revoke_timeout", &self.opts.revoke_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings idem owns; [`Kafka::set`] refuses to change them.
+const OWNED_SETTINGS: [&str; 4] = [
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "group.id",
+    "bootstrap.servers",
+];
+
+impl Kafka {
+    /// A source for the brokers `brokers` (`host:port[,host:port…]`).
+    /// Connects lazily, on the first subscription.
+    pub fn new(brokers: &str) -> Result<Self, SourceError> {
+        let brokers = brokers.trim();
+        if brokers.is_empty() || brokers.split(',').any(|b| !b.trim().contains(':')) {
+            return Err(SourceError::Config {
+                source_name: NAME,
+                message: format!(
+                    "invalid Kafka bootstrap servers {brokers:?}: expected host:port[,host:port…] (set {BROKERS_ENV})"
+                ),
+            });
+        }
+        Ok(Kafka {
+            brokers: brokers.into(),
+            opts: Options {
+                extra: Vec::new(),
+                commit_interval: Duration::from_millis(200),
+                commit_every: 500,
+                revoke_timeout: Duration::from_secs(10),
+                max_buffered: 1000,
+                poll_timeout: Duration::from_millis(50),
+                fetch_wait: Duration::from_millis(500),
+                produce_timeout: Duration::from_secs(30),
+                observer: None,
+            },
+            threads: Arc::default(),
+        })
+    }
+
+    /// A source for the brokers in `KAFKA_BROKERS` (default `127.0.0.1:9092`).
+    pub fn from_env() -> Result<Self, SourceError> {
+        let brokers = match std::env::var(BROKERS_ENV) {
+            Ok(v) if !v.trim().is_empty() => v,
+            _ => DEFAULT_BROKERS.to_owned(),
+        };
+        Self::new(&brokers)
+    }
+
+    /// Sets a librdkafka property on the consumers and the dead-letter
+    /// producer (`security.protocol`, `sasl.*`, `session.timeout.ms`, …).
+    /// The properties idem owns (`enable.auto.commit`,
+    /// `enable.auto.offset.store`, `group.id`, `bootstrap.servers`) are
+    /// ignored with a warning: auto-commit would commit offsets of messages
+    /// that have not finished.
+    pub fn set(mut self, key: &str, value: &str) -> Self {
+        if OWNED_SETTINGS.contains(&key) {
+            tracing::warn!(
+                key,
+                "idem sets this Kafka property itself; the value is ignored"
+            );
+            return self;
+        }
+        self.opts.extra.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Commit the watermark at most this often while it moves (default 200 ms).
+    pub fn commit_interval(mut self, every: Duration) -> Self {
+        self.opts.commit_interval = every;
+        self
+    }
+
+    /// Or sooner, once this many messages finished since the last commit
+    /// (default 500).
+    pub fn commit_every(mut self, messages: usize) -> Self {
+        self.opts.commit_every = messages.max(1);
+        self
+    }
+
+    /// How long in-flight messages of revoked partitions may take to finish
+    /// before the partitions are released anyway (default 10 s). Keep it
+    /// well below the group's `max.poll.interval.ms`.
+    pub fn revoke_timeout(mut self, timeout: Duration) -> Self {
+        self.opts.revoke_timeout = timeout;
+        self
+    }
+
+    /// How many received messages may wait in this process before the
+    /// partitions are paused (default 1,000).
+    pub fn max_buffered(mut self, messages: usize) -> Self {
+        self.opts.max_buffered = messages.max(1);
+        self
+    }
+
+    /// How long a `fetch` waits for messages before it returns an empty
+    /// batch (default 500 ms).
+    pub fn fetch_wait(mut self, wait: Duration) -> Self {
+        self.opts.fetch_wait = wait.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long a dead letter may wait for the broker's confirmation before
+    /// the dead-lettering fails and the message comes back (default 30 s).
+    pub fn produce_timeout(mut self, timeout: Duration) -> Self {
+        self.opts.produce_timeout = timeout;
+        self
+    }
+
+    /// Calls `f` with every offset commit just before it is sent: for
+    /// metrics, audits and tests that check commits never pass an
+    /// unfinished message. `f` runs on the poll thread and must be quick.
+    pub fn observe_commits(mut self, f: impl Fn(&CommitEvent) + Send + Sync + 'static) -> Self {
+        self.opts.observer = Some(Arc::new(f));
+        self
+    }
+
+    /// The bootstrap servers.
+    pub fn brokers(&self) -> &str {
+        &self.brokers
+    }
+
+    /// Checks that the brokers answer (a metadata request), with an error
+    /// that names the fix.
+    pub async fn ping(&self) -> Result<(), SourceError> {
+        let config = self.client_config();
+        let brokers = self.brokers.clone();
+        blocking(move || {
+            let consumer: BaseConsumer = config.create().map_err(|e| config_error(&e))?;
+            consumer
+                .fetch_metadata(None, Duration::from_secs(5))
+                .map(drop)
+                .map_err(|e| unavailable(&brokers, &e))
+        })
+        .await
+    }
+
+    /// Waits until every subscription this source (or a clone) opened and
+    /// then dropped has made its last commit and left its group.
+    pub async fn closed(&self) {
+        let threads: Vec<Arc<Closed>> = lock(&self.threads).clone();
+        for t in threads {
+            t.wait().await;
+        }
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &*self.brokers);
+        for (k, v) in &self.opts.extra {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+/// Runs blocking librdkafka calls off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SourceError> + Send + 'static,
+) -> Result<T, SourceError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(SourceError::Unavailable {
+            source_name: NAME,
+            message: format!("a blocking Kafka call failed: {e}"),
+        })
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn config_error(e: &KafkaError) -> SourceError {
+    SourceError::Config {
+        source_name: NAME,
+        message: format!("{e}; check the properties given to Kafka::set"),
+    }
+}
+
+fn unavailable(brokers: &str, e: &KafkaError) -> SourceError {
+    SourceError::Unavailable {
+        source_name: NAME,
+        message: format!(
+            "{e} (bootstrap servers {brokers}); is the broker running there? (set {BROKERS_ENV})"
+        ),
+    }
+}
+
+/// Signals that a subscription's poll thread has finished.
+#[derive(Default)]
+struct Closed {
+    done: AtomicBool,
+    notify: Notify,
+}
+
+impl Closed {
+    fn set(&self) {
+        self.done.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    async fn wait(&self) {
+        loop {
+            let n = self.notify.notified();
+            if self.done.load(Ordering::SeqCst) {
+                return;
+            }
+            // Bounded, in case the notification raced the check above.
+            let _ = tokio::time::timeout(Duration::from_millis(50), n).await;
+        }
+    }
+}
+
+// --- the shared state of one subscription ---------------------------------------
+
+/// An assigned partition.
+struct Part {
+    /// Changes each time the partition is assigned to this consumer again:
+    /// receipts of an older assignment are void.
+    epoch: u32,
+    watermark: Watermark,
+    /// Handed to the loop and not settled yet.
+    in_flight: usize,
+    last_commit: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    parts: HashMap<i32, Part>,
+    next_epoch: u32,
+    queue: VecDeque<Delivery>,
+    retries: Vec<(Instant, Delivery)>,
+    flush: bool,
+    stop: bool,
+}
+
+struct Shared {
+    topic: Arc<str>,
+    group: Arc<str>,
+    dead_letter: Arc<str>,
+    opts: Options,
+    state: Mutex<State>,
+    /// Wakes the revoke handler when in-flight messages settle.
+    settled: Condvar,
+    /// Wakes `fetch` when messages arrive.
+    arrived: Notify,
+}
+
+/// The receipt of a delivery: partition and epoch in one number, and the offset.
+fn receipt(partition: i32, epoch: u32, offset: i64) -> Receipt {
+    let packed = (u64::from(epoch) << 32) | u64::from(partition as u32);
+    Receipt::pair(packed as i64, offset)
+}
+
+fn parse_receipt(r: &Receipt) -> Option<(i32, u32, i64)> {
+    let (packed, offset) = r.as_pair()?;
+    let packed = packed as u64;
+    Some((
+        (packed & 0xffff_ffff) as u32 as i32,
+        (packed >> 32) as u32,
+        offset,
+    ))
+}
+
+impl Shared {
+    /// Settles a delivery: finished (`finish`) or handed back. None when its
+    /// partition was revoked since it was handed out.
+    fn settle(&self, d: &Delivery, finish: bool) -> Option<()> {
+        let (partition, epoch, offset) = parse_receipt(&d.receipt)?;
+        let mut st = lock(&self.state);
+        let part = st.parts.get_mut(&partition).filter(|p| p.epoch == epoch)?;
+        part.in_flight = part.in_flight.saturating_sub(1);
+        if finish {
+            part.watermark.finish(offset);
+        }
+        drop(st);
+        self.settled.notify_all();
+        Some(())
+    }
+
+    fn still_owned(&self, d: &Delivery) -> bool {
+        parse_receipt(&d.receipt).is_some_and(|(p, e, _)| {
+            lock(&self.state)
+                .parts
+                .get(&p)
+                .is_some_and(|part| part.epoch == e)
+        })
+    }
+
+    fn moved_away(&self, d: &Delivery, what: &str) {
+        tracing::info!(
+            topic = %self.topic,
+            group = %self.group,
+            message_id = %d.id,
+            "{what} ignored: the partition was revoked since the message was handed out; its new owner gets it again and the dedup store finds its effect"
+        );
+    }
+
+    /// Offsets due for a commit, as (partition, offset); with `force`, every
+    /// partition whose watermark moved.
+    fn due_commits(&self, force: bool, only: Option<&[i32]>) -> Vec<(i32, i64)> {
+        let mut st = lock(&self.state);
+        let flush = std::mem::take(&mut st.flush);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (p, part) in &st.parts {
+            if only.is_some_and(|o| !o.contains(p)) {
+                continue;
+            }
+            let Some(offset) = part.watermark.to_commit() else {
+                continue;
+            };
+            if force
+                || flush
+                || part.watermark.finished_since_commit() >= self.opts.commit_every
+                || now.duration_since(part.last_commit) >= self.opts.commit_interval
+            {
+                out.push((*p, offset));
+            }
+        }
+        out
+    }
+
+    /// Commits synchronously (on the poll thread) and records the result.
+    fn commit<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        offsets: &[(i32, i64)],
+        reason: &'static str,
+    ) {
+        if offsets.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+        for (p, o) in offsets {
+            if let Err(e) = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*o)) {
+                tracing::error!(error = %e, "cannot build the offset commit");
+                return;
+            }
+            if let Some(f) = &self.opts.observer {
+                f(&CommitEvent {
+                    group: self.group.to_string(),
+                    topic: self.topic.to_string(),
+                    partition: *p,
+                    offset: *o,
+                    reason,
+                });
+            }
+        }
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => {
+                let mut st = lock(&self.state);
+                let now = Instant::now();
+                for (p, o) in offsets {
+                    if let Some(part) = st.parts.get_mut(p) {
+                        part.watermark.committed(*o);
+                        part.last_commit = now;
+                    }
+                }
+                tracing::debug!(topic = %self.topic, group = %self.group, ?offsets, reason, "offsets committed");
+            }
+            Err(e) => {
+                // The watermark stays ahead of `committed`: the next round retries.
+                tracing::warn!(topic = %self.topic, group = %self.group, error = %e, reason, "offset commit failed; retrying on the next round (a crash now redelivers from the last commit, and the store dedups)");
+            }
+        }
+    }
+
+    /// A received record: registered in its partition's watermark and queued.
+    fn receive(&self, m: &BorrowedMessage<'_>) {
+        let partition = m.partition();
+        let offset = m.offset();
+        let mut st = lock(&self.state);
+        let Some(part) = st.parts.get_mut(&partition) else {
+            tracing::debug!(
+                partition,
+                offset,
+                "record of a partition not assigned (any more); dropped"
+            );
+            return;
+        };
+        if !part.watermark.register(offset) {
+            return;
+        }
+        let epoch = part.epoch;
+        let mut headers = Headers::default();
+        if let Some(h) = m.headers() {
+            for Header { key, value } in h.iter() {
+                headers.insert(key, value.unwrap_or_default());
+            }
+        }
+        let d = Delivery {
+            id: format!("{}/{partition}/{offset}", m.topic()).into(),
+            topic: self.topic.clone(),
+            payload: m.payload().unwrap_or_default().into(),
+            headers,
+            ordering_key: m
+                .key()
+                .map(|k| Arc::<str>::from(String::from_utf8_lossy(k))),
+            attempt: 1,
+            receipt: receipt(partition, epoch, offset),
+        };
+        st.queue.push_back(d);
+        drop(st);
+        self.arrived.notify_one();
+    }
+
+    fn assign(&self, partitions: &[i32]) {
+        let mut st = lock(&self.state);
+        let now = Instant::now();
+        for p in partitions {
+            if st.parts.contains_key(p) {
+                continue;
+            }
+            st.next_epoch = st.next_epoch.wrapping_add(1);
+            let epoch = st.next_epoch;
+            st.parts.insert(
+                *p,
+                Part {
+                    epoch,
+                    watermark: Watermark::new(),
+                    in_flight: 0,
+                    last_commit: now,
+                },
+            );
+        }
+        tracing::info!(topic = %self.topic, group = %self.group, ?partitions, "partitions assigned");
+    }
+
+    /// Revoke: drop what did not start, let in-flight messages finish within
+    /// the timeout, commit, release.
+    fn revoke<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, partitions: &[i32]) {
+        let deadline = std::time::Instant::now() + self.opts.revoke_timeout;
+        let mut st = lock(&self.state);
+        st.queue
+            .retain(|d| parse_receipt(&d.receipt).is_none_or(|(p, _, _)| !partitions.contains(&p)));
+        st.retries.retain(|(_, d)| {
+            parse_receipt(&d.receipt).is_none_or(|(p, _, _)| !partitions.contains(&p))
+        });
+        loop {
+            let running: usize = partitions
+                .iter()
+                .filter_map(|p| st.parts.get(p))
+                .map(|p| p.in_flight)
+                .sum();
+            if running == 0 {
+                break;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                tracing::warn!(topic = %self.topic, group = %self.group, running, timeout = ?self.opts.revoke_timeout, "revoke timeout: releasing partitions with messages still running; their acks will be ignored and the new owner redelivers them");
+                break;
+            }
+            st = self
+                .settled
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(st);
+        let due = self.due_commits(true, Some(partitions));
+        self.commit(consumer, &due, "revoke");
+        let mut st = lock(&self.state);
+        for p in partitions {
+            st.parts.remove(p);
+        }
+        drop(st);
+        tracing::info!(topic = %self.topic, group = %self.group, ?partitions, "partitions revoked");
+    }
+}
+
+// --- the consumer context: rebalance callbacks ------------------------------------
+
+struct Context {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for Context {}
+
+fn partitions_of(topic: &str, tpl: &TopicPartitionList) -> Vec<i32> {
+    tpl.elements()
+        .iter()
+        .filter(|e| e.topic() == topic)
+        .map(|e| e.partition())
+        .collect()
+}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let parts = partitions_of(&self.shared.topic, tpl);
+                self.shared.revoke(consumer, &parts);
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => {
+                tracing::warn!(topic = %self.shared.topic, group = %self.shared.group, error = %e, "rebalance error");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.shared.assign(&partitions_of(&self.shared.topic, tpl));
+        }
+    }
+}
+
+// --- subscribing ------------------------------------------------------------------
+
+impl super::Source for Kafka {
+    type Subscription = KafkaSubscription;
+
+    async fn subscribe(&self, spec: SubscribeSpec<'_>) -> Result<KafkaSubscription, SourceError> {
+        let shared = Arc::new(Shared {
+            topic: spec.topic.into(),
+            group: spec.group.into(),
+            dead_letter: spec
+                .dead_letter
+                .map_or_else(|| format!("{}.dlq", spec.topic), str::to_owned)
+                .into(),
+            opts: self.opts.clone(),
+            state: Mutex::new(State::default()),
+            settled: Condvar::new(),
+            arrived: Notify::new(),
+        });
+        let mut producer_config = self.client_config();
+        producer_config
+            .set("acks", "all")
+            .set("enable.idempotence", "false");
+        let producer: FutureProducer = producer_config.create().map_err(|e| config_error(&e))?;
+        self.ensure_dead_letter_topic(&shared).await;
+
+        let mut config = self.client_config();
+        config
+            .set("group.id", &*shared.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false");
+        if !self
+            .opts
+            .extra
+            .iter()
+            .any(|(k, _)| k == "auto.offset.reset")
+        {
+            config.set("auto.offset.reset", "earliest");
+        }
+        let context = Context {
+            shared: shared.clone(),
+        };
+        let brokers = self.brokers.clone();
+        let topic = shared.topic.clone();
+        let consumer: BaseConsumer<Context> = blocking(move || {
+            let c: BaseConsumer<Context> = config
+                .create_with_context(context)
+                .map_err(|e| config_error(&e))?;
+            c.subscribe(&[&topic])
+                .map_err(|e| unavailable(&brokers, &e))?;
+            Ok(c)
+        })
+        .await?;
+        let closed = Arc::new(Closed::default());
+        lock(&self.threads).push(closed.clone());
+        let thread_shared = shared.clone();
+        let thread_closed = closed.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("idem-kafka-{}", shared.group))
+            .spawn(move || {
+                poll_loop(&thread_shared, consumer);
+                thread_closed.set();
+            });
+        if let Err(e) = spawned {
+            closed.set();
+            return Err(SourceError::Unavailable {
+                source_name: NAME,
+                message: format!("cannot start the Kafka poll thread: {e}"),
+            });
+        }
+        Ok(KafkaSubscription { shared, producer })
+    }
+}
+
+impl Kafka {
+    /// Creates the dead-letter topic with the topic's partition count when
+    /// it is missing. Failures are logged: dead-lettering then fails (and
+    /// retries) with the broker's error.
+    async fn ensure_dead_letter_topic(&self, shared: &Shared) {
+        let config = self.client_config();
+        let topic = shared.topic.to_string();
+        let dlq = shared.dead_letter.to_string();
+        let counts = blocking(move || {
+            let c: BaseConsumer = config.create().map_err(|e| config_error(&e))?;
+            let md = c
+                .fetch_metadata(None, Duration::from_secs(5))
+                .map_err(|e| SourceError::Unavailable {
+                    source_name: NAME,
+                    message: e.to_string(),
+                })?;
+            let count = |name: &str| {
+                md.topics()
+                    .iter()
+                    .find(|t| t.name() == name && t.error().is_none())
+                    .map(|t| t.partitions().len())
+            };
+            Ok((count(&topic), count(&dlq)))
+        })
+        .await;
+        let partitions = match counts {
+            Ok((_, Some(_))) => return,
+            Ok((Some(n), None)) => n.max(1),
+            Ok((None, None)) => 1,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read topic metadata; not creating the dead-letter topic");
+                return;
+            }
+        };
+        let admin: AdminClient<DefaultClientContext> = match self.client_config().create() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create a Kafka admin client");
+                return;
+            }
+        };
+        let new = NewTopic::new(
+            &shared.dead_letter,
+            i32::try_from(partitions).unwrap_or(1),
+            TopicReplication::Fixed(-1),
+        );
+        match admin.create_topics([&new], &AdminOptions::new()).await {
+            Ok(results) => {
+                for r in results {
+                    match r {
+                        Ok(name) => {
+                            tracing::info!(topic = %name, partitions, "dead-letter topic created")
+                        }
+                        Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                        Err((name, code)) => {
+                            tracing::warn!(topic = %name, error = %code, "cannot create the dead-letter topic; create it by hand")
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create the dead-letter topic; create it by hand")
+            }
+        }
+    }
+}
+
+/// The poll thread: receives records, pauses when too many wait, commits
+/// watermarks, and runs the rebalance callbacks (librdkafka calls them from
+/// `poll`). On stop: a last commit, then the consumer is closed (leaving the
+/// group, with a last revoke).
+fn poll_loop(shared: &Shared, consumer: BaseConsumer<Context>) {
+    let mut paused = false;
+    loop {
+        let (stop, waiting) = {
+            let st = lock(&shared.state);
+            (st.stop, st.queue.len() + st.retries.len())
+        };
+        if stop {
+            break;
+        }
+        // Past `max_buffered`, stop fetching but keep polling (rebalances,
+        // heartbeats of the poll interval). Paused again on every round: a
+        // rebalance hands out partitions unpaused.
+        let full = waiting >= shared.opts.max_buffered;
+        if (full || paused)
+            && let Ok(assigned) = consumer.assignment()
+        {
+            let r = if full {
+                consumer.pause(&assigned)
+            } else {
+                consumer.resume(&assigned)
+            };
+            match r {
+                Ok(()) => paused = full,
+                Err(e) => tracing::warn!(error = %e, "cannot pause/resume the partitions"),
+            }
+        }
+        match consumer.poll(shared.opts.poll_timeout) {
+            Some(Ok(m)) => shared.receive(&m),
+            Some(Err(e)) => {
+                tracing::warn!(topic = %shared.topic, group = %shared.group, error = %e, "Kafka consumer error");
+            }
+            None => {}
+        }
+        let due = shared.due_commits(false, None);
+        let reason = "watermark";
+        shared.commit(&consumer, &due, reason);
+    }
+    let due = shared.due_commits(true, None);
+    shared.commit(&consumer, &due, "shutdown");
+    // Dropping the consumer closes it: librdkafka revokes the assignment
+    // (our revoke handler commits again if anything finished meanwhile) and
+    // leaves the group.
+    drop(consumer);
+    tracing::debug!(topic = %shared.topic, group = %shared.group, "Kafka consumer closed");
+}
+
+/// One handler's consumer in its group (see the [module docs](self)).
+pub struct KafkaSubscription {
+    shared: Arc<Shared>,
+    producer: FutureProducer,
+}
+
+impl fmt::Debug for KafkaSubscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = lock(&self.shared.state);
+        f.debug_struct("KafkaSubscription")
+            .field("topic", &self.shared.topic)
+            .field("group", &self.shared.group)
+            .field("dead_letter", &self.shared.dead_letter)
+            .field("partitions", &st.parts.keys().collect::<Vec<_>>())
+            .field("queued", &st.queue.len())
+            .finish()
+    }
+}
+
+impl Drop for KafkaSubscription {
+    fn drop(&mut self) {
+        // The poll thread commits and closes the consumer on its own; it is
+        // not joined here, to keep the async runtime free. `Kafka::closed`
+        // waits for it.
+        lock(&self.shared.state).stop = true;
+    }
+}
+
+impl KafkaSubscription {
+    fn take(&self, max: usize) -> Vec<Delivery> {
+        let mut st = lock(&self.shared.state);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let mut due = Vec::new();
+        st.retries.retain(|(at, d)| {
+            if *at <= now && due.len() < max {
+                due.push(d.clone());
+                false
+            } else {
+                true
+            }
+        });
+        out.extend(due);
+        while out.len() < max {
+            match st.queue.pop_front() {
+                Some(d) => out.push(d),
+                None => break,
+            }
+        }
+        out.retain(|d| {
+            parse_receipt(&d.receipt)
+                .and_then(|(p, e, _)| st.parts.get_mut(&p).filter(|part| part.epoch == e))
+                .map(|part| part.in_flight += 1)
+                .is_some()
+        });
+        out
+    }
+
+    fn next_retry(&self) -> Option<Instant> {
+        lock(&self.shared.state)
+            .retries
+            .iter()
+            .map(|(at, _)| *at)
+            .min()
+    }
+
+    fn finish_many(&self, deliveries: &[&Delivery]) {
+        for d in deliveries {
+            if self.shared.settle(d, true).is_none() {
+                self.shared.moved_away(d, "ack");
+            }
+        }
+    }
+}
+
+impl Subscription for KafkaSubscription {
+    async fn fetch(&self, max: usize) -> Result<Vec<Delivery>, SourceError> {
+        let max = max.max(1);
+        let until = Instant::now() + self.shared.opts.fetch_wait;
+        loop {
+            let batch = self.take(max);
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Ok(Vec::new());
+            }
+            let wake = self.next_retry().map_or(until, |r| r.min(until));
+            let _ = tokio::time::timeout_at(wake.max(now), self.shared.arrived.notified()).await;
+        }
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> Result<(), SourceError> {
+        self.finish_many(&[delivery]);
+        Ok(())
+    }
+
+    async fn ack_many(&self, deliveries: &[&Delivery]) -> Result<(), SourceError> {
+        self.finish_many(deliveries);
+        // Batch and manual acks commit at once (from the poll thread).
+        lock(&self.shared.state).flush = true;
+        Ok(())
+    }
+
+    async fn nack(&self, delivery: &Delivery, delay: Duration) -> Result<(), SourceError> {
+        if self.shared.settle(delivery, false).is_none() {
+            self.shared.moved_away(delivery, "nack");
+            return Ok(());
+        }
+        let again = delivery
+            .clone()
+            .with_attempt(delivery.attempt.saturating_add(1));
+        lock(&self.shared.state)
+            .retries
+            .push((Instant::now() + delay, again));
+        self.shared.arrived.notify_one();
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        letter: &DeadLetter,
+    ) -> Result<(), SourceError> {
+        if !self.shared.still_owned(delivery) {
+            // The new owner gets it from the committed offset and decides.
+            self.shared.moved_away(delivery, "dead letter");
+            return Ok(());
+        }
+        let (partition, _, offset) = parse_receipt(&delivery.receipt).unwrap_or((-1, 0, -1));
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in delivery.headers.iter() {
+            if !is_dead_letter_field(k) {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+        }
+        let attempts = letter.attempts.to_string();
+        let fields = [
+            (dlh::REASON, letter.reason.as_str()),
+            (dlh::ATTEMPTS, attempts.as_str()),
+            (dlh::HANDLER, letter.handler.as_str()),
+            (dlh::ORIGINAL_ID, &*delivery.id),
+        ];
+        let partition_s = partition.to_string();
+        let offset_s = offset.to_string();
+        let extra = [
+            (dead_letter_headers::ORIGINAL_TOPIC, &*delivery.topic),
+            (
+                dead_letter_headers::ORIGINAL_PARTITION,
+                partition_s.as_str(),
+            ),
+            (dead_letter_headers::ORIGINAL_OFFSET, offset_s.as_str()),
+        ];
+        for (k, v) in fields.into_iter().chain(extra) {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.shared.dead_letter)
+            .payload(&*delivery.payload)
+            .headers(headers);
+        if let Some(key) = &delivery.ordering_key {
+            record = record.key(&**key);
+        }
+        match self
+            .producer
+            .send(record, self.shared.opts.produce_timeout)
+            .await
+        {
+            Ok(_) => {
+                if self.shared.settle(delivery, true).is_none() {
+                    self.shared.moved_away(delivery, "dead letter settle");
+                }
+                Ok(())
+            }
+            Err((e, _)) => {
+                // Not settled: hand it back so it is dead-lettered again.
+                let _ = self.nack(delivery, Duration::from_secs(1)).await;
+                Err(SourceError::Unavailable {
+                    source_name: NAME,
+                    message: format!(
+                        "dead letter to {} not confirmed: {e}; the message comes back and is dead-lettered again",
+                        self.shared.dead_letter
+                    ),
+                })
+            }
+        }
+    }
+}
+
+/// Whether a header of the original message is one idem writes itself on a
+/// dead letter (it is replaced, not duplicated).
+fn is_dead_letter_field(name: &str) -> bool {
+    [
+        dlh::REASON,
+        dlh::ATTEMPTS,
+        dlh::HANDLER,
+        dlh::ORIGINAL_ID,
+        dead_letter_headers::ORIGINAL_TOPIC,
+        dead_letter_headers::ORIGINAL_PARTITION,
+        dead_letter_headers::ORIGINAL_OFFSET,
+    ]
+    .iter()
+    .any(|n| n.eq_ignore_ascii_case(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receipts_round_trip_partition_epoch_and_offset() {
+        for (p, e, o) in [(0, 1, 0), (3, u32::MAX, i64::MAX), (i32::MAX, 7, 42)] {
+            assert_eq!(parse_receipt(&receipt(p, e, o)), Some((p, e, o)));
+        }
+        assert_eq!(parse_receipt(&Receipt::text("x")), None);
+    }
+
+    #[test]
+    fn bootstrap_servers_are_checked() {
+        assert!(Kafka::new("").is_err());
+        assert!(Kafka::new("localhost").is_err());
+        assert!(Kafka::new("a:1,b:2").is_ok());
+    }
+
+    #[test]
+    fn owned_settings_cannot_be_overridden() {
+        let k = Kafka::new("a:1")
+            .unwrap()
+            .set("enable.auto.commit", "true")
+            .set("client.id", "x");
+        assert_eq!(k.opts.extra, vec![("client.id".to_owned(), "x".to_owned())]);
+    }
+}
