@@ -23,6 +23,12 @@ use crate::metrics::HandlerMetrics;
 use crate::process::{ErasedHandler, Outcome};
 use crate::source::{DeadLetter, Subscription};
 
+/// `on_in_progress = "wait"`: how often a message whose key another
+/// consumer holds looks again.
+const BUSY_POLL: Duration = Duration::from_millis(100);
+/// `on_in_progress = "retry"`: the longest redelivery delay of such a message.
+const BUSY_REDELIVERY: Duration = Duration::from_secs(1);
+
 /// Settings of the loop that are not per handler.
 #[derive(Debug, Clone)]
 pub(crate) struct LoopConfig {
@@ -203,15 +209,19 @@ impl<Sub: Subscription> Ctx<Sub> {
                         self.dead_letter(seq, d, reason, attempt).await;
                     }
                 }
+                // The holder may finish long before its lease runs out: look
+                // again in short steps rather than after the whole lease.
                 Outcome::Busy(retry_after) => match meta.on_in_progress {
                     OnInProgress::Wait => {
-                        let wait = retry_after.clamp(Duration::from_millis(10), meta.lease);
+                        let wait = retry_after.clamp(Duration::from_millis(10), BUSY_POLL);
                         if self.pause(wait).await {
                             continue;
                         }
                         self.nack(seq, d, Duration::ZERO).await;
                     }
-                    OnInProgress::Retry => self.nack(seq, d, retry_after).await,
+                    OnInProgress::Retry => {
+                        self.nack(seq, d, retry_after.min(BUSY_REDELIVERY)).await
+                    }
                 },
                 Outcome::Nacked => self.nack(seq, d, meta.backoff.min).await,
                 Outcome::StoreDown(error) => {

@@ -269,6 +269,34 @@ impl<H: HandlerFn> Bound<H> {
         Ok((ok, detail))
     }
 
+    /// A store failure part-way through a batch. A transactional store
+    /// rolls everything back: nothing of the batch is durable. With a lease
+    /// store the items whose handler succeeded have already applied their
+    /// effects, so their done-records are written (best effort) and only the
+    /// other leases are released: releasing theirs would run them again.
+    /// Returns whether the succeeded items are recorded.
+    async fn abort_batch(
+        &self,
+        mut tx: <H::Store as DedupStore>::Tx<'static>,
+        taken: &[Claimed<'_>],
+        done: &[Claimed<'_>],
+    ) -> bool {
+        let store = &*self.store;
+        if <H::Store as DedupStore>::COMMITS_WITH_HANDLER {
+            let _ = store.rollback(tx, taken).await;
+            return false;
+        }
+        let rest: Vec<Claimed<'_>> = taken
+            .iter()
+            .filter(|c| !done.iter().any(|d| std::ptr::eq(d.request, c.request)))
+            .copied()
+            .collect();
+        if let Err(e) = store.unclaim(&mut tx, &rest).await {
+            tracing::warn!(error = %e, "could not release the batch's leases; they expire on their own");
+        }
+        store.commit(tx, done).await.is_ok()
+    }
+
     async fn run_batch(&self, ds: &[Delivery]) -> Vec<Outcome> {
         let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(ds.len());
         let mut prepared = Vec::with_capacity(ds.len());
@@ -394,7 +422,12 @@ impl<H: HandlerFn> Bound<H> {
             let (ok, detail) = match item {
                 Ok(v) => v,
                 Err(e) => {
-                    let _ = store.rollback(tx, &taken).await;
+                    let done = claimed_of(&requests, &done_results);
+                    if self.abort_batch(tx, &taken, &done).await {
+                        for (r, _, _) in &done_results {
+                            outcomes[idx[*r]] = Some(Outcome::Processed);
+                        }
+                    }
                     return store_down(&e, outcomes);
                 }
             };
@@ -416,18 +449,16 @@ impl<H: HandlerFn> Bound<H> {
         if !failed_claims.is_empty() {
             let unclaimed = store.unclaim(&mut tx, &failed_claims).await;
             if let Err(e) = unclaimed {
-                let _ = store.rollback(tx, &taken).await;
+                let done = claimed_of(&requests, &done_results);
+                if self.abort_batch(tx, &taken, &done).await {
+                    for (r, _, _) in &done_results {
+                        outcomes[idx[*r]] = Some(Outcome::Processed);
+                    }
+                }
                 return store_down(&e, outcomes);
             }
         }
-        let done: Vec<Claimed<'_>> = done_results
-            .iter()
-            .map(|(r, token, result)| Claimed {
-                request: &requests[*r],
-                token: *token,
-                result: result.as_deref(),
-            })
-            .collect();
+        let done = claimed_of(&requests, &done_results);
         match store.commit(tx, &done).await {
             Ok(()) => {
                 for (r, _, _) in &done_results {
@@ -448,6 +479,20 @@ impl<H: HandlerFn> Bound<H> {
             }
         }
     }
+}
+
+/// The claims of the batch items whose handler succeeded, with their results.
+fn claimed_of<'a>(
+    requests: &'a [ClaimRequest<'a>],
+    done: &'a [(usize, u64, Option<String>)],
+) -> Vec<Claimed<'a>> {
+    done.iter()
+        .map(|(r, token, result)| Claimed {
+            request: &requests[*r],
+            token: *token,
+            result: result.as_deref(),
+        })
+        .collect()
 }
 
 fn claim_count_mismatch(store: &'static str, got: usize, want: usize) -> StoreError {
