@@ -34,7 +34,8 @@ impl fmt::Debug for RedactedUrl<'_> {
 }
 
 /// `text` (a driver's error message, say) with every occurrence of `url`'s
-/// password, raw and percent-decoded, replaced by `***`.
+/// password, raw and percent-decoded, replaced by `***`, and the password
+/// of any other URL in it too.
 ///
 /// ```
 /// use idem_runtime::redact::redact_text;
@@ -45,16 +46,68 @@ impl fmt::Debug for RedactedUrl<'_> {
 /// );
 /// ```
 pub fn redact_text(text: &str, url: &str) -> String {
-    let Some((start, end)) = password_range(url) else {
-        return text.to_owned();
-    };
-    let raw = &url[start..end];
-    let mut out = text.replace(raw, "***");
-    let decoded = percent_decode(raw);
-    if decoded != raw && !decoded.is_empty() {
-        out = out.replace(&decoded, "***");
+    Secrets::of([url]).scrub(text)
+}
+
+/// `url` with its password replaced by `***` (see [`RedactedUrl`]).
+pub fn redact_url(url: &str) -> String {
+    RedactedUrl(url).to_string()
+}
+
+/// The passwords of the URLs a store or source was given (as written and
+/// percent-decoded), to cut out of any text before it is shown. Its `Debug`
+/// shows only how many there are.
+///
+/// ```
+/// use idem_runtime::redact::Secrets;
+/// let s = Secrets::of(["redis://u:p%40ss@h:1", "redis://h:2"]);
+/// assert_eq!(s.scrub("auth p@ss and p%40ss failed"), "auth *** and *** failed");
+/// assert_eq!(s.scrub("at redis://x:other@h:1"), "at redis://x:***@h:1");
+/// ```
+#[derive(Clone, Default)]
+pub struct Secrets(Vec<String>);
+
+impl fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secrets({} redacted)", self.0.len())
     }
-    out
+}
+
+impl Secrets {
+    /// The passwords of `urls`.
+    pub fn of<'a>(urls: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut out = Vec::new();
+        for url in urls {
+            if let Some((s, e)) = password_range(url) {
+                let raw = &url[s..e];
+                let decoded = percent_decode(raw);
+                if !decoded.is_empty() && decoded != raw {
+                    out.push(decoded);
+                }
+                out.push(raw.to_owned());
+            }
+        }
+        // Longest first, so a password containing another is cut whole.
+        out.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        out.dedup();
+        Secrets(out)
+    }
+
+    /// `text` with every known password, and the password of any URL in
+    /// it, replaced by `***`.
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for secret in &self.0 {
+            if out.contains(secret.as_str()) {
+                out = out.replace(secret.as_str(), "***");
+            }
+        }
+        // A URL in a driver message whose password we were not told about.
+        if out.contains("://") {
+            out = out.split(' ').map(redact_url).collect::<Vec<_>>().join(" ");
+        }
+        out
+    }
 }
 
 /// Byte range of the password in `scheme://user:password@host…`, if any.
@@ -111,5 +164,10 @@ mod tests {
             redact_text("x p@ss y p%40ss", "postgres://u:p%40ss@h/db"),
             "x *** y ***"
         );
+        // A percent sign at the very end is kept as is.
+        assert_eq!(percent_decode("a%"), "a%");
+        assert_eq!(percent_decode("a%4"), "a%4");
+        assert_eq!(percent_decode("%41"), "A");
+        assert!(!format!("{:?}", Secrets::of(["redis://:p@h"])).contains('p'));
     }
 }

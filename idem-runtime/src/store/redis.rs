@@ -87,12 +87,11 @@ use super::{Claim, ClaimRequest, Claimed, DedupStore, NoTx, StoreError};
 mod cache;
 mod pending;
 mod record;
-mod secret;
 
+use crate::redact::{Secrets, redact_url};
 use cache::{CachedDone, DoneCache};
 use pending::{PendingOp, PendingOps};
 use record::Stored;
-use secret::{Secrets, redact_url};
 
 const STORE: &str = "redis";
 
