@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Makes sure the servers the test suite talks to are up: PostgreSQL, Redis,
-# RabbitMQ and NATS (JetStream). For each one: if it answers, nothing is done;
-# if it is installed but stopped, it is started; if it is not installed, it is
-# installed from Debian's packages and started. Exits non-zero when a server
+# RabbitMQ, NATS (JetStream) and a Kafka-compatible broker (tansu). For each
+# one: if it answers, nothing is done; if it is installed but stopped, it is
+# started; if it is not installed, it is installed (Debian's packages; tansu
+# with cargo install) and started. Exits non-zero when a server
 # still does not answer: the server-backed tests must fail, never skip.
 #
 # Addresses come from the same env vars the tests read (defaults in brackets):
 # DATABASE_URL [postgres://postgres@127.0.0.1:5432/postgres], REDIS_URL
 # [redis://127.0.0.1:6379], AMQP_URL [amqp://guest:guest@127.0.0.1:5672/%2f],
-# NATS_URL [nats://127.0.0.1:4222]. Only local default ports are started here.
+# NATS_URL [nats://127.0.0.1:4222], KAFKA_BROKERS [127.0.0.1:9092]. Only local
+# default ports are started here.
 set -euo pipefail
 
 SUDO=""
@@ -85,7 +87,42 @@ ensure_nats() {
   wait_port nats 127.0.0.1 4222 20
 }
 
+# Kafka: no Apache Kafka in the package registries we reach, so the tests run
+# against tansu (a Kafka-compatible broker in Rust, from crates.io) with its
+# in-memory storage. The first install compiles it (~17 min on 2 cores); its
+# target dir is cached outside the repo so a rebuild is cheap, and the binary
+# stays in ~/.cargo/bin. KAFKA_BROKERS [127.0.0.1:9092] names the broker.
+TANSU_VERSION=0.6.0
+ensure_kafka() {
+  local brokers="${KAFKA_BROKERS:-127.0.0.1:9092}"
+  local first="${brokers%%,*}"
+  local host="${first%:*}" port="${first##*:}"
+  if port_open "$host" "$port"; then say "kafka (tansu) up on $host:$port"; return; fi
+  if [ "$host" != "127.0.0.1" ] && [ "$host" != "localhost" ]; then
+    echo "!! KAFKA_BROKERS=$brokers does not answer and is not local: start it there" >&2
+    return 1
+  fi
+  export PATH="$HOME/.cargo/bin:$PATH"
+  if ! cargo install --list | grep -q "^tansu v$TANSU_VERSION:"; then
+    say "installing tansu $TANSU_VERSION (cargo install; cold: ~17 min on 2 cores)"
+    local started=$SECONDS
+    CARGO_TARGET_DIR="${IDEM_CACHE_DIR:-$HOME/.cache/idem}/tansu-target" \
+      cargo install --locked "tansu@$TANSU_VERSION" --features dynostore
+    say "tansu installed in $((SECONDS - started)) s"
+  fi
+  say "starting tansu on 127.0.0.1:$port (memory storage)"
+  mkdir -p "${IDEM_CACHE_DIR:-$HOME/.cache/idem}"
+  nohup tansu broker \
+    --listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine memory://tansu/ \
+    >"${IDEM_CACHE_DIR:-$HOME/.cache/idem}/tansu.log" 2>&1 </dev/null &
+  disown || true
+  wait_port tansu 127.0.0.1 "$port" 30
+}
+
 ensure_postgres
 ensure_redis
 ensure_rabbitmq
 ensure_nats
+ensure_kafka

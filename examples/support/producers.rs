@@ -301,3 +301,140 @@ mod rabbit_producer {
         }
     }
 }
+
+#[cfg(feature = "kafka")]
+pub use kafka_producer::KafkaProducer;
+
+#[cfg(feature = "kafka")]
+mod kafka_producer {
+    use super::*;
+    use std::time::Duration;
+
+    use idem::source::kafka::rdkafka::admin::{
+        AdminClient, AdminOptions, NewTopic, TopicReplication,
+    };
+    use idem::source::kafka::rdkafka::client::DefaultClientContext;
+    use idem::source::kafka::rdkafka::config::ClientConfig;
+    use idem::source::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
+    use idem::source::kafka::rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+    use idem::source::kafka::rdkafka::producer::{FutureProducer, FutureRecord};
+    use idem::source::kafka::rdkafka::types::RDKafkaErrorCode;
+    use idem::source::kafka::rdkafka::{Offset, TopicPartitionList};
+
+    /// Keyed records (key = the message id's order, header `message-id`) on a
+    /// topic of 4 partitions, confirmed with `acks=all`.
+    pub struct KafkaProducer {
+        brokers: String,
+        producer: FutureProducer,
+    }
+
+    impl KafkaProducer {
+        pub fn connect(brokers: &str) -> Result<Self> {
+            let producer = ClientConfig::new()
+                .set("bootstrap.servers", brokers)
+                .set("acks", "all")
+                .create()?;
+            Ok(KafkaProducer {
+                brokers: brokers.to_owned(),
+                producer,
+            })
+        }
+
+        fn admin(&self) -> Result<AdminClient<DefaultClientContext>> {
+            Ok(ClientConfig::new()
+                .set("bootstrap.servers", &self.brokers)
+                .create()?)
+        }
+    }
+
+    impl Producer for KafkaProducer {
+        async fn reset(&self, topic: &str) -> Result<()> {
+            let admin = self.admin()?;
+            let dlq = format!("{topic}.dlq");
+            // Missing topics are fine; the results are per topic.
+            let _ = admin
+                .delete_topics(&[topic, dlq.as_str()], &AdminOptions::new())
+                .await?;
+            let new = NewTopic::new(topic, 4, TopicReplication::Fixed(-1));
+            for r in admin.create_topics([&new], &AdminOptions::new()).await? {
+                match r {
+                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((name, e)) => return Err(format!("create topic {name}: {e}").into()),
+                }
+            }
+            Ok(())
+        }
+
+        async fn publish(&self, topic: &str, messages: &[Outgoing]) -> Result<()> {
+            for chunk in messages.chunks(500) {
+                let mut sends = Vec::with_capacity(chunk.len());
+                for m in chunk {
+                    // The order id is the record key: one order stays on one partition.
+                    let key = m.id.trim_end_matches("-retry");
+                    let headers = OwnedHeaders::new().insert(Header {
+                        key: "message-id",
+                        value: Some(m.id.as_str()),
+                    });
+                    let record = FutureRecord::to(topic)
+                        .payload(&m.payload)
+                        .key(key)
+                        .headers(headers);
+                    sends.push(self.producer.send(record, Duration::from_secs(30)));
+                }
+                for s in sends {
+                    s.await.map_err(|(e, _)| e)?;
+                }
+            }
+            Ok(())
+        }
+
+        async fn dead_letters(&self, topic: &str) -> Result<Vec<DeadLetterSeen>> {
+            let dlq = format!("{topic}.dlq");
+            let brokers = self.brokers.clone();
+            let read = move || -> std::result::Result<Vec<DeadLetterSeen>, String> {
+                let c: BaseConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", &brokers)
+                    .set("group.id", "idem-example-dlq-reader")
+                    .create()
+                    .map_err(|e| e.to_string())?;
+                let md = c
+                    .fetch_metadata(Some(&dlq), Duration::from_secs(10))
+                    .map_err(|e| e.to_string())?;
+                let mut tpl = TopicPartitionList::new();
+                for t in md.topics().iter().filter(|t| t.name() == dlq) {
+                    for p in t.partitions() {
+                        tpl.add_partition_offset(&dlq, p.id(), Offset::Beginning)
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+                if tpl.count() == 0 {
+                    return Ok(Vec::new());
+                }
+                c.assign(&tpl).map_err(|e| e.to_string())?;
+                let mut out = Vec::new();
+                // Dead letters are confirmed before the message settles: read
+                // until the topic has been quiet for two seconds.
+                let mut quiet = std::time::Instant::now();
+                while quiet.elapsed() < Duration::from_secs(2) {
+                    if let Some(m) = c.poll(Duration::from_millis(100)) {
+                        let m = m.map_err(|e| e.to_string())?;
+                        quiet = std::time::Instant::now();
+                        let h = |k: &str| {
+                            m.headers()
+                                .and_then(|hs| hs.iter().find(|x| x.key == k).and_then(|x| x.value))
+                                .map(|v| String::from_utf8_lossy(v).into_owned())
+                                .unwrap_or_default()
+                        };
+                        out.push(DeadLetterSeen {
+                            id: h(ORIGINAL_ID),
+                            reason: h(REASON),
+                            attempts: h(ATTEMPTS),
+                        });
+                    }
+                }
+                Ok(out)
+            };
+            Ok(tokio::task::spawn_blocking(read).await??)
+        }
+    }
+}
