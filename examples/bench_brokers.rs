@@ -12,8 +12,9 @@
 //! `ack = "auto"` handler with `concurrency(16)` until it has committed them
 //! all, and check the effect rows. Per message the handler does what a real
 //! one does: decode JSON, claim the key, insert one row, commit, ack.
-//! Brokers: `redis`, `nats`, `rabbitmq` (default: all three). URLs come from
-//! `REDIS_URL`, `NATS_URL`, `AMQP_URL` and `DATABASE_URL`.
+//! Brokers: `redis`, `nats`, `rabbitmq` (default: all three), and `kafka`
+//! when built with `--features kafka`. URLs come from `REDIS_URL`,
+//! `NATS_URL`, `AMQP_URL`, `KAFKA_BROKERS` and `DATABASE_URL`.
 
 #[path = "support/producers.rs"]
 mod producers;
@@ -284,8 +285,23 @@ async fn main() -> BoxResult<()> {
                 let producer = producers::RabbitProducer::connect(&url).await?;
                 bench("RabbitMQ", || Ok(RabbitMq::new(&url)?), &producer, n).await?;
             }
+            #[cfg(feature = "kafka")]
+            "kafka" => {
+                let brokers = env("KAFKA_BROKERS", "127.0.0.1:9092");
+                let producer = producers::KafkaProducer::connect(&brokers)?;
+                bench(
+                    "Kafka",
+                    || Ok(idem::source::kafka::Kafka::new(&brokers)?),
+                    &producer,
+                    n,
+                )
+                .await?;
+            }
             other => {
-                return Err(format!("unknown broker {other:?}: redis, nats or rabbitmq").into());
+                return Err(format!(
+                    "unknown broker {other:?}: redis, nats, rabbitmq or kafka (with --features kafka)"
+                )
+                .into());
             }
         }
     }

@@ -697,7 +697,11 @@ impl super::Source for Kafka {
         })
         .await?;
         let closed = Arc::new(Closed::default());
-        lock(&self.threads).push(closed.clone());
+        {
+            let mut threads = lock(&self.threads);
+            threads.retain(|t| !t.done.load(Ordering::SeqCst));
+            threads.push(closed.clone());
+        }
         let thread_shared = shared.clone();
         let thread_closed = closed.clone();
         let spawned = std::thread::Builder::new()
@@ -1049,6 +1053,67 @@ fn is_dead_letter_field(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn shared() -> Shared {
+        Shared {
+            topic: "t".into(),
+            group: "g".into(),
+            dead_letter: "t.dlq".into(),
+            opts: Kafka::new("a:1").unwrap().opts,
+            state: Mutex::new(State::default()),
+            settled: Condvar::new(),
+            arrived: Notify::new(),
+        }
+    }
+
+    /// A delivery of `offset` on partition 0 as the poll thread queues it.
+    fn queue(s: &Shared, offset: i64) -> Delivery {
+        let mut st = lock(&s.state);
+        let part = st.parts.get_mut(&0).unwrap();
+        assert!(part.watermark.register(offset));
+        let d = Delivery::new(format!("t/0/{offset}"), "t", b"{}".to_vec())
+            .with_receipt(receipt(0, part.epoch, offset));
+        part.in_flight += 1;
+        d
+    }
+
+    fn commit_point(s: &Shared) -> Option<i64> {
+        lock(&s.state).parts[&0].watermark.commit_point()
+    }
+
+    #[test]
+    fn an_ack_from_before_a_revoke_does_not_finish_the_new_owners_message() {
+        let s = shared();
+        s.assign(&[0]);
+        let old = queue(&s, 5);
+        // Revoked while the handler ran, then assigned back: offset 5 comes
+        // again from the committed offset, under a new epoch.
+        lock(&s.state).parts.remove(&0);
+        s.assign(&[0]);
+        let new = queue(&s, 5);
+        assert_ne!(old.receipt, new.receipt);
+        assert!(s.settle(&old, true).is_none(), "the old ack is ignored");
+        assert!(!s.still_owned(&old));
+        assert_eq!(commit_point(&s), Some(5), "5 is still unfinished");
+        assert!(s.settle(&new, true).is_some());
+        assert_eq!(commit_point(&s), Some(6));
+    }
+
+    #[test]
+    fn a_nacked_message_holds_the_commit_point_back() {
+        let s = shared();
+        s.assign(&[0]);
+        let a = queue(&s, 0);
+        let b = queue(&s, 1);
+        assert!(
+            s.settle(&a, false).is_some(),
+            "nack: handed back, unfinished"
+        );
+        assert!(s.settle(&b, true).is_some());
+        assert_eq!(commit_point(&s), Some(0));
+        assert_eq!(s.due_commits(true, None), vec![(0, 0)]);
+        assert_eq!(lock(&s.state).parts[&0].in_flight, 0);
+    }
 
     #[test]
     fn receipts_round_trip_partition_epoch_and_offset() {
