@@ -105,32 +105,6 @@ async fn idem_run(
     n as f64 / elapsed.as_secs_f64()
 }
 
-/// The claim statement, as the store issues it.
-fn claim_sql(schema: &str) -> String {
-    let t = format!("{schema}.idem_dedup");
-    format!(
-        "WITH req AS ( \
-           SELECT r.*, row_number() OVER (PARTITION BY r.handler, r.key ORDER BY r.ord) = 1 AS first \
-           FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::int8[]) \
-                WITH ORDINALITY AS r(handler, key, fingerprint, message_id, ttl_ms, ord) \
-         ), ins AS ( \
-           INSERT INTO {t} AS d (handler, key, fingerprint, message_id, created_at, expires_at) \
-           SELECT handler, key, fingerprint, message_id, now(), now() + ttl_ms * interval '1 millisecond' \
-           FROM req WHERE first ORDER BY handler, key \
-           ON CONFLICT (handler, key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, \
-             message_id = EXCLUDED.message_id, result = NULL, created_at = EXCLUDED.created_at, \
-             expires_at = EXCLUDED.expires_at \
-           WHERE d.expires_at IS NOT NULL AND d.expires_at <= now() \
-           RETURNING d.handler, d.key \
-         ) \
-         SELECT r.first, (i.key IS NOT NULL) AS new, d.fingerprint, d.result \
-         FROM req r \
-         LEFT JOIN ins i ON r.first AND i.handler = r.handler AND i.key = r.key \
-         LEFT JOIN {t} d ON d.handler = r.handler AND d.key = r.key \
-         ORDER BY r.ord"
-    )
-}
-
 /// The hand-written consumer: `batch` messages per transaction.
 async fn hand_run(pool: &PgPool, claim: &Arc<str>, round: usize, n: usize, batch: usize) -> f64 {
     let queue: Arc<Mutex<VecDeque<Vec<u8>>>> =
@@ -229,7 +203,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     store.migrate().await?;
     pool.execute("CREATE TABLE effects (id text NOT NULL, amount bigint NOT NULL)")
         .await?;
-    let claim: Arc<str> = claim_sql(&schema).into();
+    // The very statement the store issues.
+    let claim: Arc<str> = store.claim_statement().into();
 
     // Warm up both paths (prepared statements, connections).
     idem_run(&store, "bench-single", "single", 1000, 200).await;

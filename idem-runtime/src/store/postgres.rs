@@ -243,6 +243,13 @@ impl PostgresStore {
         &self.pool
     }
 
+    /// The claim statement as the store issues it (for benchmarks that
+    /// compare idem with a hand-written loop running the same SQL).
+    #[doc(hidden)]
+    pub fn claim_statement(&self) -> &str {
+        &self.sql.claim
+    }
+
     /// The dedup table, schema-qualified (`public.idem_dedup`).
     pub fn qualified_table(&self) -> &str {
         &self.sql.qualified
