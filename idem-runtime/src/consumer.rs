@@ -22,6 +22,7 @@ use crate::handler::{Backoff, HandlerMeta, OnInProgress};
 use crate::metrics::HandlerMetrics;
 use crate::process::{ErasedHandler, Outcome};
 use crate::source::{DeadLetter, Subscription};
+use crate::sync::lock;
 
 /// `on_in_progress = "wait"`: how often a message whose key another
 /// consumer holds looks again.
@@ -86,20 +87,13 @@ struct AckGroup {
 
 impl<Sub: Subscription> Ctx<Sub> {
     fn forget(&self, seq: u64) {
-        self.unsettled
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&seq);
+        lock(&self.unsettled).remove(&seq);
     }
 
     async fn ack(&self, seq: u64, d: &Delivery, group: Option<&AckGroup>) {
         self.forget(seq);
         if let Some(group) = group {
-            group
-                .acks
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(d.clone());
+            lock(&group.acks).push(d.clone());
             return;
         }
         if let Err(e) = self.sub.ack(d).await {
@@ -281,7 +275,7 @@ impl<Sub: Subscription> Ctx<Sub> {
 
     async fn finish_group_member(&self, group: &AckGroup) {
         if group.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let acks = std::mem::take(&mut *group.acks.lock().unwrap_or_else(|e| e.into_inner()));
+            let acks = std::mem::take(&mut *lock(&group.acks));
             let refs: Vec<&Delivery> = acks.iter().collect();
             if !refs.is_empty()
                 && let Err(e) = self.sub.ack_many(&refs).await
@@ -451,7 +445,7 @@ pub(crate) async fn consume<Sub: Subscription>(
         });
         let mut jobs = Vec::with_capacity(n);
         {
-            let mut unsettled = ctx.unsettled.lock().unwrap_or_else(|e| e.into_inner());
+            let mut unsettled = lock(&ctx.unsettled);
             for delivery in deliveries {
                 let seq = ctx.next_seq.fetch_add(1, Ordering::Relaxed);
                 unsettled.insert(seq, delivery.clone());
@@ -504,13 +498,7 @@ pub(crate) async fn consume<Sub: Subscription>(
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
-    let left: Vec<Delivery> = ctx
-        .unsettled
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .drain()
-        .map(|(_, d)| d)
-        .collect();
+    let left: Vec<Delivery> = lock(&ctx.unsettled).drain().map(|(_, d)| d).collect();
     for d in &left {
         if let Err(e) = ctx.sub.nack(d, Duration::ZERO).await {
             tracing::warn!(error = %e, "could not hand a message back; the broker redelivers it on its own timeout");

@@ -15,6 +15,7 @@ pub mod redact;
 pub mod runtime;
 pub mod source;
 pub mod store;
+mod sync;
 
 pub use ack::{Ack, AckMode};
 pub use delivery::{Delivery, Headers, Receipt};

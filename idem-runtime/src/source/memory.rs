@@ -250,7 +250,7 @@ impl MemoryBroker {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every mutation below is completed before the guard drops, so a
         // poisoned lock (a panicking test thread) leaves consistent state.
-        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.inner.state)
     }
 
     fn notify(&self) {

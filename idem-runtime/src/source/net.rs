@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -24,11 +24,7 @@ pub(crate) const RECONNECT_BACKOFF: Backoff = Backoff {
     max: Duration::from_secs(5),
 };
 
-/// Locks a std mutex; every critical section below leaves the state
-/// consistent, so a poisoned lock (a panicking thread) is still usable.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(crate) use crate::sync::lock;
 
 /// The broker URL from `var`, or `default` when it is unset or empty.
 pub(crate) fn url_from_env(var: &str, default: &str) -> String {

@@ -69,7 +69,7 @@ impl MemoryStore {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Record>> {
         // A panic while holding this lock cannot leave a record half-written
         // (every update is one insert/remove), so a poisoned lock is safe to use.
-        self.records.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.records)
     }
 
     fn claim_one(

@@ -52,6 +52,7 @@ use self::watermark::Watermark;
 use super::dead_letter_headers as dlh;
 use super::{DeadLetter, SourceError, SubscribeSpec, Subscription};
 use crate::delivery::{Delivery, Headers, Receipt};
+use crate::sync::lock;
 
 const NAME: &str = "kafka";
 
@@ -301,10 +302,6 @@ async fn blocking<T: Send + 'static>(
             message: format!("a blocking Kafka call failed: {e}"),
         })
     })
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn config_error(e: &KafkaError) -> SourceError {

@@ -116,7 +116,7 @@ impl DoneCache {
     fn lock(&self) -> std::sync::MutexGuard<'_, Lru> {
         // Every mutation below keeps the list consistent before it can
         // panic (there is nothing in it that panics), so a poisoned lock is usable.
-        self.lru.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.lru)
     }
 
     pub(super) fn len(&self) -> usize {

@@ -59,7 +59,7 @@ impl PendingOps {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Entry>> {
         // Each update is one insert or remove: a poisoned map is consistent.
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.map)
     }
 
     /// Remembers `op` for `key` until `until`. A completion still owed is
