@@ -248,7 +248,7 @@ async fn run_store_loop(
                     .map(|key| ClaimRequest {
                         handler: "bench-store",
                         key,
-                        fingerprint: Fingerprint(7),
+                        fingerprint: Some(Fingerprint::new(7)),
                         message_id: "m",
                         lease: Duration::from_secs(30),
                         ttl: Some(Duration::from_secs(600)),

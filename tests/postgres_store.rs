@@ -201,7 +201,7 @@ fn request<'a>(key: &'a Key, fp: u64, ttl: Option<Duration>) -> ClaimRequest<'a>
     ClaimRequest {
         handler: "direct",
         key,
-        fingerprint: Fingerprint(fp),
+        fingerprint: Some(Fingerprint::new(fp)),
         message_id: "m",
         lease: Duration::from_secs(30),
         ttl,
@@ -278,7 +278,8 @@ async fn concurrent_claim_waits_then_sees_commit_or_rollback() {
     topic = "conflict",
     key = "order_id",
     store = "postgres",
-    name = "pg-conflict"
+    name = "pg-conflict",
+    fingerprint = ["seq"]
 )]
 async fn pg_conflict(o: Order, tx: &mut Tx<'_>) -> Result<(), AppError> {
     apply(tx, "pg-conflict", &o).await
@@ -436,7 +437,7 @@ async fn a_batch_of_64_keys_is_claimed_in_one_round_trip() {
     for (i, c) in claims.iter().enumerate() {
         let want = match i {
             1 => Claim::Conflict {
-                stored: Fingerprint(1),
+                stored: Fingerprint::new(1),
             },
             0..32 => Claim::Done { cached: None },
             _ => Claim::New { token: 0 },

@@ -74,7 +74,7 @@ fn request<'a>(key: &'a Key, fp: u64, lease: Duration, ttl: Option<Duration>) ->
     ClaimRequest {
         handler: "store-level",
         key,
-        fingerprint: Fingerprint(fp),
+        fingerprint: Some(Fingerprint::new(fp)),
         message_id: "m",
         lease,
         ttl,
@@ -171,7 +171,7 @@ async fn duplicates_are_skipped(store: RedisStore, inspect: Inspect, run: &str) 
     let req = ClaimRequest {
         handler: "redis-dup",
         key: &k,
-        fingerprint: Fingerprint::of_bytes(payload.as_bytes()),
+        fingerprint: Some(Fingerprint::of_bytes(payload.as_bytes())),
         message_id: "again",
         lease: SEC,
         ttl: Some(MIN10),
@@ -274,7 +274,7 @@ async fn lease_expiry_after_a_crash_lets_another_consumer_process() {
     let req = ClaimRequest {
         handler: "redis-takeover",
         key: &k,
-        fingerprint: Fingerprint::of_bytes(&payload),
+        fingerprint: Some(Fingerprint::of_bytes(&payload)),
         message_id: "m",
         lease: Duration::from_millis(300),
         ttl: Some(MIN10),
@@ -499,7 +499,8 @@ static CONFLICT: Effects = Mutex::new(None);
     key = "order_id",
     store = "redis",
     name = "redis-conflict",
-    ttl = "10m"
+    ttl = "10m",
+    fingerprint = ["seq"]
 )]
 async fn redis_conflict(o: Order) -> Result<(), String> {
     record(&CONFLICT, &format!("{}:{}", o.order_id, o.seq));
@@ -515,14 +516,14 @@ async fn conflicts_are_reported(store: RedisStore) {
     assert_eq!(
         claim_one(&store, &other).await,
         Claim::Conflict {
-            stored: Fingerprint(1)
+            stored: Fingerprint::new(1)
         }
     );
     commit(&store, &first, t, None).await;
     assert_eq!(
         claim_one(&store, &other).await,
         Claim::Conflict {
-            stored: Fingerprint(1)
+            stored: Fingerprint::new(1)
         }
     );
 }
@@ -692,7 +693,7 @@ async fn the_cache_tier_answers_hot_duplicates_without_a_round_trip() {
     assert_eq!(
         claim_one(&store, &other).await,
         Claim::Conflict {
-            stored: Fingerprint(4)
+            stored: Fingerprint::new(4)
         }
     );
     // Off by default.

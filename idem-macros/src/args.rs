@@ -196,8 +196,17 @@ impl Parse for RawArg {
     }
 }
 
-fn lit_str(v: &Expr, errors: &mut Errors, what: &str) -> Option<LitStr> {
+/// The expression inside the invisible group that `macro_rules!` puts
+/// around a `$x:literal` or `$x:expr` it passes on to an attribute.
+fn ungroup(v: &Expr) -> &Expr {
     match v {
+        Expr::Group(g) => ungroup(&g.expr),
+        other => other,
+    }
+}
+
+fn lit_str(v: &Expr, errors: &mut Errors, what: &str) -> Option<LitStr> {
+    match ungroup(v) {
         Expr::Lit(ExprLit {
             lit: Lit::Str(s), ..
         }) => Some(s.clone()),
@@ -341,7 +350,7 @@ fn field_path(s: &LitStr, errors: &mut Errors, what: &str) -> Option<Vec<syn::Me
 
 fn key_spec(v: &Expr, errors: &mut Errors, nested: bool) -> Option<KeySpec> {
     const FORMS: &str = "\"field\", \"nested.field\", (\"a\", \"b\"), header(\"Name\"), message_id";
-    match v {
+    match ungroup(v) {
         Expr::Lit(ExprLit {
             lit: Lit::Str(s), ..
         }) => {
@@ -415,7 +424,7 @@ impl Args {
                 continue;
             }
             seen.push(n.clone());
-            let v = &value;
+            let v = ungroup(&value);
             match n.as_str() {
                 "topic" => {
                     args.topic = lit_str(v, errors, "topic").filter(|s| {

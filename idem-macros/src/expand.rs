@@ -225,6 +225,17 @@ fn field_access(path: &[syn::Member], span: Span) -> TokenStream {
     TokenTree::Group(group).into()
 }
 
+/// A field path as written: `customer.id`.
+fn members_text(path: &[syn::Member]) -> String {
+    path.iter()
+        .map(|m| match m {
+            syn::Member::Named(id) => id.to_string(),
+            syn::Member::Unnamed(i) => i.index.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 fn extractor(
     spec: &KeySpec,
     payload: &syn::Type,
@@ -343,19 +354,46 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
         }
     };
 
-    let fingerprint = args.fingerprint.as_ref().map(|fields| {
-        let adds = fields.iter().map(|(path, span)| {
-            let access = field_access(path, *span);
-            quote_spanned! {*span=> __f.field(&#access); }
-        });
-        quote! {
-            fn fingerprint(&self, _d: &#krate::Delivery, __p: &#payload) -> #krate::Fingerprint {
-                let mut __f = #krate::Fingerprinter::new();
-                #(#adds)*
-                __f.finish()
-            }
+    // Conflict detection is opt-in: the fields named in `fingerprint`, else
+    // whatever a `with` extractor supplies, else none.
+    let (fingerprint, fingerprint_text) = match (&args.fingerprint, &args.with) {
+        (Some(fields), _) => {
+            let adds = fields.iter().map(|(path, span)| {
+                let access = field_access(path, *span);
+                quote_spanned! {*span=> __f.field(&#access); }
+            });
+            let text = format!(
+                "[{}]",
+                fields
+                    .iter()
+                    .map(|(path, _)| format!("{:?}", members_text(path)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let body = quote! {
+                fn fingerprint(&self, _d: &#krate::Delivery, __p: &#payload) -> ::core::option::Option<#krate::Fingerprint> {
+                    let mut __f = #krate::Fingerprinter::new();
+                    #(#adds)*
+                    ::core::option::Option::Some(__f.finish())
+                }
+            };
+            (Some(body), quote! { ::core::option::Option::Some(#text) })
         }
-    });
+        (None, Some(path)) => {
+            let span = syn::spanned::Spanned::span(path);
+            let text = format!(
+                "(supplied by the key extractor `{}`)",
+                quote!(#path).to_string().replace(' ', "")
+            );
+            let body = quote_spanned! {span=>
+                fn fingerprint(&self, __d: &#krate::Delivery, __p: &#payload) -> ::core::option::Option<#krate::Fingerprint> {
+                    #krate::KeyExtractor::<#payload>::fingerprint(&#path, __d, __p)
+                }
+            };
+            (Some(body), quote! { ::core::option::Option::Some(#text) })
+        }
+        (None, None) => (None, quote! { ::core::option::Option::None }),
+    };
 
     let call_args = sig.params.iter().map(|(p, span)| match p {
         Param::Payload => quote_spanned! {*span=> __payload },
@@ -450,6 +488,7 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
                     on_missing_key: #on_missing_key,
                     on_in_progress: #on_in_progress,
                     max_key_len: #max_key_len,
+                    fingerprint: #fingerprint_text,
                 };
 
                 fn key(&self, __d: &#krate::Delivery, __p: &#payload) -> ::core::result::Result<#krate::Key, #krate::KeyError> {

@@ -100,6 +100,10 @@ pub struct HandlerMeta {
     pub on_in_progress: OnInProgress,
     /// Longest accepted key, in bytes.
     pub max_key_len: usize,
+    /// What the conflict check compares, as written (`["amount", "currency"]`,
+    /// or the key extractor's fingerprint); `None`: no conflict detection, a
+    /// done key is a duplicate whatever the payload.
+    pub fingerprint: Option<&'static str>,
 }
 
 impl HandlerMeta {
@@ -158,9 +162,13 @@ pub trait HandlerFn: Send + Sync + 'static {
     /// Extracts the idempotency key.
     fn key(&self, delivery: &Delivery, payload: &Self::Payload) -> Result<Key, KeyError>;
 
-    /// The payload fingerprint (default: the raw payload bytes).
-    fn fingerprint(&self, delivery: &Delivery, _payload: &Self::Payload) -> Fingerprint {
-        Fingerprint::of_bytes(&delivery.payload)
+    /// The fingerprint compared with a done key's record to detect "same
+    /// key, different message" (see [`HandlerMeta::fingerprint`]). Default:
+    /// none, so that producer retries which re-serialise their payload are
+    /// duplicates, not conflicts.
+    fn fingerprint(&self, delivery: &Delivery, payload: &Self::Payload) -> Option<Fingerprint> {
+        let _ = (delivery, payload);
+        None
     }
 
     /// Runs the user fn.

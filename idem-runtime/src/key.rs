@@ -163,6 +163,17 @@ pub enum KeyError {
 pub trait KeyExtractor<P>: Send + Sync + 'static {
     /// Extracts the key.
     fn extract(&self, delivery: &Delivery, payload: &P) -> Result<Key, KeyError>;
+
+    /// A fingerprint of the payload, compared with the one stored with a
+    /// done key: a mismatch is a key conflict (dead-lettered). Default: none,
+    /// so a done key is a duplicate whatever the payload. An extractor that
+    /// normalises the key can normalise what it fingerprints the same way
+    /// (see [`Fingerprint::of`](crate::Fingerprint::of)). The attribute's
+    /// `fingerprint = [...]` takes precedence over this.
+    fn fingerprint(&self, delivery: &Delivery, payload: &P) -> Option<crate::Fingerprint> {
+        let _ = (delivery, payload);
+        None
+    }
 }
 
 impl<P, F> KeyExtractor<P> for F
@@ -180,6 +191,19 @@ macro_rules! tuple_extractors {
             fn extract(&self, delivery: &Delivery, payload: &P) -> Result<Key, KeyError> {
                 let parts = [$(self.$idx.extract(delivery, payload)?),+];
                 Ok(Key::composite(&parts))
+            }
+
+            /// The parts' fingerprints combined, if any part has one.
+            fn fingerprint(&self, delivery: &Delivery, payload: &P) -> Option<crate::Fingerprint> {
+                let parts = [$(self.$idx.fingerprint(delivery, payload)),+];
+                if parts.iter().all(Option::is_none) {
+                    return None;
+                }
+                let mut f = crate::Fingerprinter::new();
+                for part in parts {
+                    f.bytes(&crate::Fingerprint::stored(part).to_le_bytes());
+                }
+                Some(f.finish())
             }
         }
     };

@@ -90,7 +90,7 @@ pub(crate) fn bind<H: HandlerFn + Default>(
 struct Prepared<P> {
     payload: P,
     key: Key,
-    fingerprint: Fingerprint,
+    fingerprint: Option<Fingerprint>,
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> &str {
@@ -126,16 +126,14 @@ impl<H: HandlerFn> Bound<H> {
         })
     }
 
-    fn not_new(&self, claim: Claim, key: &Key, fingerprint: Fingerprint) -> Outcome {
+    fn not_new(&self, claim: Claim, key: &Key, fingerprint: Option<Fingerprint>) -> Outcome {
         match claim {
             Claim::New { .. } => unreachable!("handled by the caller"),
             Claim::Done { cached } => Outcome::Duplicate(cached),
             Claim::InProgress { retry_after } => Outcome::Busy(retry_after),
-            Claim::Conflict { stored } => Outcome::DeadLetter(format!(
-                "key conflict: key {key} was already processed with a different payload \
-                 (stored fingerprint {:016x}, this one {:016x}); the producer reused a key for another message",
-                stored.0, fingerprint.0
-            )),
+            Claim::Conflict { stored } => {
+                Outcome::DeadLetter(conflict_reason(self.meta, key, stored, fingerprint))
+            }
         }
     }
 
@@ -493,6 +491,29 @@ fn claimed_of<'a>(
             result: result.as_deref(),
         })
         .collect()
+}
+
+/// The dead-letter reason of a key conflict: the handler, the key, what was
+/// compared, and the setting to change when the "conflict" is a retry.
+fn conflict_reason(
+    meta: &HandlerMeta,
+    key: &Key,
+    stored: Fingerprint,
+    this: Option<Fingerprint>,
+) -> String {
+    let compared = meta
+        .fingerprint
+        .unwrap_or("the key extractor's fingerprint");
+    let this = this.map_or_else(|| "none".to_owned(), |f| format!("{f:016x}"));
+    format!(
+        "key conflict in handler {:?}: key {key} was already processed with a different payload \
+         (compared: fingerprint = {compared}; stored {stored:016x}, this one {this}). \
+         If this is another message, its producer reused the key: give it a key of its own. \
+         If it is a retry of the same message whose compared fields changed between sends, \
+         take those fields out of `fingerprint = …` on the handler (without `fingerprint`, \
+         every delivery of a done key is a duplicate)",
+        meta.name
+    )
 }
 
 fn claim_count_mismatch(store: &'static str, got: usize, want: usize) -> StoreError {

@@ -328,6 +328,31 @@ struct Verdict {
     kills: usize,
 }
 
+/// Order `k<i>` as a producer serialises it on its `send`-th try. A retry
+/// (`send` > 0) is the same event serialised again, the way real producers
+/// resend: keys in another order, other spacing, a fresh `sent_at`. It must
+/// be acked as a duplicate, never dead-lettered as a key conflict.
+fn event(i: usize, send: u32) -> String {
+    let amount = 100 + (i * 37) % 9_900;
+    let sent_at = format!(
+        "2026-11-26T10:{:02}:{:02}.{:03}Z",
+        (i / 60) % 60,
+        i % 60,
+        send
+    );
+    match send % 3 {
+        0 => format!(
+            r#"{{"key":"k{i}","amount_cents":{amount},"currency":"EUR","sent_at":"{sent_at}"}}"#
+        ),
+        1 => format!(
+            r#"{{ "sent_at": "{sent_at}", "currency": "EUR", "amount_cents": {amount}, "key": "k{i}" }}"#
+        ),
+        _ => format!(
+            "{{\n  \"amount_cents\": {amount},\n  \"key\": \"k{i}\",\n  \"sent_at\": \"{sent_at}\",\n  \"currency\": \"EUR\"\n}}"
+        ),
+    }
+}
+
 /// The torture proper: publish while killing, then settle and count.
 async fn torture<B: TortureBroker>(h: &mut Harness<B>, messages: usize, kills: usize) -> Verdict {
     for i in 0..PROCESSES {
@@ -341,10 +366,11 @@ async fn torture<B: TortureBroker>(h: &mut Harness<B>, messages: usize, kills: u
     let mut retries = 0;
     let mut chunk = Vec::new();
     for i in 0..messages {
-        chunk.push(format!(r#"{{"key":"k{i}"}}"#));
+        chunk.push(event(i, 0));
         if rng.u8(..) < 26 {
-            // Producer retry: same business key, a new message.
-            chunk.push(format!(r#"{{"key":"k{}"}}"#, rng.usize(0..=i)));
+            // Producer retry: same business key, a new message, serialised
+            // again (other key order, spacing, a fresh `sent_at`).
+            chunk.push(event(rng.usize(0..=i), rng.u32(1..4)));
             retries += 1;
         }
         if chunk.len() >= 25 || i + 1 == messages {
@@ -362,10 +388,7 @@ async fn torture<B: TortureBroker>(h: &mut Harness<B>, messages: usize, kills: u
     poison.extend((0..POISON_GARBLED).map(|p| format!(r#"{{"key":"garbled{p}""#)));
     h.publish(&poison).await;
     // A replay of a slice of the stream (an operator re-publishing).
-    let replay: Vec<String> = (0..messages)
-        .step_by(20)
-        .map(|i| format!(r#"{{"key":"k{i}"}}"#))
-        .collect();
+    let replay: Vec<String> = (0..messages).step_by(20).map(|i| event(i, 0)).collect();
     h.publish(&replay).await;
     // Whatever kills are left happen while the backlog drains.
     while h.kills < kills {
@@ -512,12 +535,14 @@ async fn outages_are_ridden_out(messages: usize) {
     let producer = tokio::spawn(async move {
         let mut conn = producer_conn;
         for i in 0..messages {
-            let payload = format!(r#"{{"key":"k{i}"}}"#);
+            let mut send = 0;
+            // A retry serialises the event again, as real producers do.
             while conn
-                .xadd::<_, _, _, _, String>(&stream, "*", &[("payload", payload.as_str())])
+                .xadd::<_, _, _, _, String>(&stream, "*", &[("payload", event(i, send).as_str())])
                 .await
                 .is_err()
             {
+                send += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             tokio::time::sleep(Duration::from_millis(4)).await;

@@ -31,11 +31,11 @@ pub struct MemoryStore {
 enum Record {
     InProgress {
         token: u64,
-        fingerprint: Fingerprint,
+        fingerprint: Option<Fingerprint>,
         until: Instant,
     },
     Done {
-        fingerprint: Fingerprint,
+        fingerprint: Option<Fingerprint>,
         result: Option<String>,
         expires: Option<Instant>,
     },
@@ -85,14 +85,13 @@ impl MemoryStore {
             None => false,
         };
         if live {
-            return match &map[&id] {
-                Record::InProgress { fingerprint, .. } | Record::Done { fingerprint, .. }
-                    if *fingerprint != req.fingerprint =>
-                {
-                    Claim::Conflict {
-                        stored: *fingerprint,
-                    }
-                }
+            let record = &map[&id];
+            let (Record::InProgress { fingerprint, .. } | Record::Done { fingerprint, .. }) =
+                record;
+            if let Some(conflict) = req.conflict_with(*fingerprint) {
+                return conflict;
+            }
+            return match record {
                 Record::InProgress { until, .. } => Claim::InProgress {
                     retry_after: *until - now,
                 },

@@ -30,14 +30,42 @@ pub struct ClaimRequest<'a> {
     pub handler: &'a str,
     /// The idempotency key.
     pub key: &'a Key,
-    /// The payload fingerprint, compared with the stored one.
-    pub fingerprint: Fingerprint,
+    /// The payload fingerprint, compared with the stored one; `None` when
+    /// the handler detects no conflicts (the default): then a done key is a
+    /// duplicate whatever the payload.
+    pub fingerprint: Option<Fingerprint>,
     /// The broker's message id (kept for diagnostics).
     pub message_id: &'a str,
     /// How long an in-progress claim holds (lease stores).
     pub lease: Duration,
     /// How long the done-record is kept; `None` = forever.
     pub ttl: Option<Duration>,
+}
+
+impl ClaimRequest<'_> {
+    /// The answer for a key whose record was made with fingerprint `stored`,
+    /// when the two disagree: `Some(Claim::Conflict)`. `None` when they match
+    /// or either side has no fingerprint (conflict detection is opt-in per
+    /// handler, and records made before it was turned on carry none).
+    ///
+    /// ```
+    /// use idem_runtime::{Fingerprint, Key};
+    /// use idem_runtime::store::{Claim, ClaimRequest};
+    /// let key = Key::new("o-1").unwrap();
+    /// let req = ClaimRequest {
+    ///     handler: "h", key: &key, fingerprint: Some(Fingerprint::new(1)), message_id: "m",
+    ///     lease: std::time::Duration::from_secs(30), ttl: None,
+    /// };
+    /// assert_eq!(req.conflict_with(Some(Fingerprint::new(2))), Some(Claim::Conflict { stored: Fingerprint::new(2) }));
+    /// assert_eq!(req.conflict_with(Some(Fingerprint::new(1))), None);
+    /// assert_eq!(req.conflict_with(None), None);
+    /// ```
+    pub fn conflict_with(&self, stored: Option<Fingerprint>) -> Option<Claim> {
+        match (stored, self.fingerprint) {
+            (Some(stored), Some(this)) if stored != this => Some(Claim::Conflict { stored }),
+            _ => None,
+        }
+    }
 }
 
 /// What a claim found.
@@ -59,7 +87,9 @@ pub enum Claim {
         /// When the lease runs out at the latest.
         retry_after: Duration,
     },
-    /// The key was processed with a different payload: same key, other message.
+    /// The key was processed with a different payload: same key, other
+    /// message. Only when both the record and the request carry a
+    /// fingerprint ([`ClaimRequest::conflict_with`]).
     Conflict {
         /// The stored fingerprint.
         stored: Fingerprint,

@@ -338,12 +338,8 @@ impl PostgresStore {
 }
 
 fn done_or_conflict(r: &ClaimRequest<'_>, stored: i64, cached: Option<String>) -> Claim {
-    let stored = Fingerprint::from_i64(stored);
-    if stored == r.fingerprint {
-        Claim::Done { cached }
-    } else {
-        Claim::Conflict { stored }
-    }
+    r.conflict_with(Fingerprint::from_stored(stored))
+        .unwrap_or(Claim::Done { cached })
 }
 
 impl DedupStore for PostgresStore {
@@ -372,7 +368,7 @@ impl DedupStore for PostgresStore {
         for r in requests {
             handlers.push(r.handler);
             keys.push(r.key.as_str());
-            fingerprints.push(r.fingerprint.as_i64());
+            fingerprints.push(Fingerprint::stored(r.fingerprint));
             ids.push(r.message_id);
             ttls.push(
                 r.ttl

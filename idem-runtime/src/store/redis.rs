@@ -859,13 +859,11 @@ impl RedisStore {
             Some(cache) => {
                 for (i, r) in requests.iter().enumerate() {
                     match cache.get(keys.get(i), now) {
-                        Some(d) if d.fingerprint == r.fingerprint => {
-                            claims[i] = Some(Claim::Done { cached: d.result });
-                        }
                         Some(d) => {
-                            claims[i] = Some(Claim::Conflict {
-                                stored: d.fingerprint,
-                            });
+                            claims[i] = Some(
+                                r.conflict_with(d.fingerprint)
+                                    .unwrap_or(Claim::Done { cached: d.result }),
+                            );
                         }
                         None => misses.push(i),
                     }
@@ -935,47 +933,48 @@ impl RedisStore {
             };
             let claim = match &set {
                 Value::Nil => Claim::New { token: tokens[pos] },
-                Value::BulkString(v) => match record::parse(v) {
-                    Some(Stored::Lease { fingerprint, .. }) if fingerprint != r.fingerprint => {
-                        Claim::Conflict {
-                            stored: fingerprint,
+                Value::BulkString(v) => {
+                    match record::parse(v) {
+                        Some(
+                            Stored::Lease { fingerprint, .. } | Stored::Done { fingerprint, .. },
+                        ) if r.conflict_with(fingerprint).is_some() => Claim::Conflict {
+                            stored: fingerprint.expect("a conflict has a stored fingerprint"),
+                        },
+                        Some(Stored::Lease { .. }) => {
+                            if remaining.is_none() {
+                                busy.push(i);
+                            }
+                            Claim::InProgress {
+                                retry_after: remaining.unwrap_or(r.lease),
+                            }
                         }
-                    }
-                    Some(Stored::Lease { .. }) => {
-                        if remaining.is_none() {
-                            busy.push(i);
+                        Some(Stored::Done {
+                            fingerprint,
+                            result,
+                            ..
+                        }) => {
+                            let cached = result.map(str::to_owned);
+                            if let Some(cache) = &self.inner.cache {
+                                let done = CachedDone {
+                                    fingerprint,
+                                    result: cached.clone(),
+                                };
+                                cache.insert(key, done, remaining, now);
+                            }
+                            Claim::Done { cached }
                         }
-                        Claim::InProgress {
-                            retry_after: remaining.unwrap_or(r.lease),
-                        }
-                    }
-                    Some(Stored::Done { fingerprint, .. }) if fingerprint != r.fingerprint => {
-                        Claim::Conflict {
-                            stored: fingerprint,
-                        }
-                    }
-                    Some(Stored::Done { result, .. }) => {
-                        let cached = result.map(str::to_owned);
-                        if let Some(cache) = &self.inner.cache {
-                            let done = CachedDone {
-                                fingerprint: r.fingerprint,
-                                result: cached.clone(),
-                            };
-                            cache.insert(key, done, remaining, now);
-                        }
-                        Claim::Done { cached }
-                    }
-                    None => {
-                        failure.get_or_insert(StoreError::Config {
+                        None => {
+                            failure.get_or_insert(StoreError::Config {
                             store: STORE,
                             message: format!(
                                 "key {key} holds a value idem did not write: another application uses the prefix {:?}; give idem its own with `.prefix(…)`",
                                 self.inner.prefix
                             ),
                         });
-                        continue;
+                            continue;
+                        }
                     }
-                },
+                }
                 Value::ServerError(e) => {
                     failure.get_or_insert_with(|| self.command_error(key, e));
                     continue;

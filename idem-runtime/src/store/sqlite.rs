@@ -164,7 +164,7 @@ impl SqliteStore {
         let inserted = sqlx::query(AssertSqlSafe(self.sql.claim.clone()))
             .bind(r.handler)
             .bind(r.key.as_str())
-            .bind(r.fingerprint.as_i64())
+            .bind(Fingerprint::stored(r.fingerprint))
             .bind(r.message_id)
             .bind(now)
             .bind(expires)
@@ -180,9 +180,8 @@ impl SqliteStore {
             .fetch_one(&mut **tx)
             .await
             .map_err(|e| self.err(e))?;
-        let stored = Fingerprint::from_i64(row.get(0));
-        if stored != r.fingerprint {
-            return Ok(Claim::Conflict { stored });
+        if let Some(conflict) = r.conflict_with(Fingerprint::from_stored(row.get(0))) {
+            return Ok(conflict);
         }
         Ok(Claim::Done { cached: row.get(1) })
     }

@@ -17,7 +17,7 @@ const NIL: u32 = u32::MAX;
 /// A done record as cached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct CachedDone {
-    pub(super) fingerprint: Fingerprint,
+    pub(super) fingerprint: Option<Fingerprint>,
     pub(super) result: Option<String>,
 }
 
@@ -186,7 +186,7 @@ mod tests {
 
     fn done(n: u64) -> CachedDone {
         CachedDone {
-            fingerprint: Fingerprint(n),
+            fingerprint: Some(Fingerprint::new(n)),
             result: Some(n.to_string()),
         }
     }

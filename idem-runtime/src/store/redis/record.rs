@@ -60,12 +60,12 @@ pub(super) fn push_key(out: &mut String, prefix: &str, handler: &str, key: &str)
 }
 
 /// The lease value of a claim, on the stack.
-pub(super) fn lease_value(token: u64, fingerprint: Fingerprint) -> [u8; LEASE_LEN] {
+pub(super) fn lease_value(token: u64, fingerprint: Option<Fingerprint>) -> [u8; LEASE_LEN] {
     let mut v = Vec::with_capacity(LEASE_LEN);
     v.extend_from_slice(b"p|");
     push_hex(&mut v, token);
     v.push(b'|');
-    push_hex(&mut v, fingerprint.0);
+    push_hex(&mut v, Fingerprint::stored(fingerprint) as u64);
     let mut out = [0u8; LEASE_LEN];
     out.copy_from_slice(&v);
     out
@@ -74,13 +74,13 @@ pub(super) fn lease_value(token: u64, fingerprint: Fingerprint) -> [u8; LEASE_LE
 /// Appends the done value of a completed claim.
 pub(super) fn push_done_value(
     out: &mut Vec<u8>,
-    fingerprint: Fingerprint,
+    fingerprint: Option<Fingerprint>,
     token: u64,
     result: Option<&str>,
 ) {
     out.reserve(DONE_LEN + result.map_or(0, |r| r.len() + 1));
     out.extend_from_slice(b"d|");
-    push_hex(out, fingerprint.0);
+    push_hex(out, Fingerprint::stored(fingerprint) as u64);
     out.push(b'|');
     push_hex(out, token);
     if let Some(r) = result {
@@ -96,13 +96,13 @@ pub(super) enum Stored<'a> {
     Lease {
         /// Its owner's token.
         token: u64,
-        /// The fingerprint of the payload being processed.
-        fingerprint: Fingerprint,
+        /// The fingerprint of the payload being processed (0 on the wire: none).
+        fingerprint: Option<Fingerprint>,
     },
     /// The key was processed.
     Done {
-        /// The processed payload's fingerprint.
-        fingerprint: Fingerprint,
+        /// The processed payload's fingerprint (0 on the wire: none).
+        fingerprint: Option<Fingerprint>,
         /// The token of the consumer that completed it.
         token: u64,
         /// The cached result, if any.
@@ -116,7 +116,7 @@ pub(super) fn parse(v: &[u8]) -> Option<Stored<'_>> {
         [b'p', b'|', rest @ ..] if v.len() == LEASE_LEN && rest[16] == b'|' => {
             Some(Stored::Lease {
                 token: parse_hex(&rest[..16])?,
-                fingerprint: Fingerprint(parse_hex(&rest[17..])?),
+                fingerprint: Fingerprint::from_stored(parse_hex(&rest[17..])? as i64),
             })
         }
         [b'd', b'|', rest @ ..] if v.len() >= DONE_LEN && rest[16] == b'|' => {
@@ -126,7 +126,7 @@ pub(super) fn parse(v: &[u8]) -> Option<Stored<'_>> {
                 _ => return None,
             };
             Some(Stored::Done {
-                fingerprint: Fingerprint(parse_hex(&rest[..16])?),
+                fingerprint: Fingerprint::from_stored(parse_hex(&rest[..16])? as i64),
                 token: parse_hex(&rest[17..33])?,
                 result,
             })
@@ -199,7 +199,7 @@ mod tests {
 
     #[test]
     fn values_round_trip() {
-        let fp = Fingerprint(0x0123_4567_89ab_cdef);
+        let fp = Some(Fingerprint::new(0x0123_4567_89ab_cdef));
         let lease = lease_value(42, fp);
         assert_eq!(&lease[..], b"p|000000000000002a|0123456789abcdef");
         assert_eq!(
@@ -207,6 +207,15 @@ mod tests {
             Some(Stored::Lease {
                 token: 42,
                 fingerprint: fp
+            })
+        );
+        let none = lease_value(42, None);
+        assert_eq!(&none[..], b"p|000000000000002a|0000000000000000");
+        assert_eq!(
+            parse(&none),
+            Some(Stored::Lease {
+                token: 42,
+                fingerprint: None
             })
         );
         for result in [None, Some(r#"{"id":7,"s":"a|b"}"#), Some("")] {
