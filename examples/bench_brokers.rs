@@ -133,7 +133,7 @@ async fn drop_schema(store: &PostgresStore, schema: &str) -> BoxResult<()> {
 }
 
 /// One timed run; returns (elapsed, messages/s).
-async fn measure<S: Source, P: Producer, D: DedupStore>(
+async fn measure<S: Source, P: Producer, D: DedupStore<M>, M>(
     source: S,
     producer: &P,
     store: D,

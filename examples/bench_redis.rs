@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 use idem::source::memory::{MemoryBroker, Message};
 use idem::store::memory::MemoryStore;
 use idem::store::redis::RedisStore;
-use idem::store::{Claim, ClaimRequest, Claimed, DedupStore};
-use idem::{CancellationToken, Fingerprint, Key, NoTx, Runtime, idempotent};
+use idem::store::{Claim, ClaimRequest, Claimed, LeaseStore};
+use idem::{CancellationToken, Fingerprint, Key, Runtime, idempotent};
 use serde::Deserialize;
 
 const SINGLE_DEPTH: usize = 16;
@@ -106,7 +106,7 @@ fn msg(id: &str) -> Message {
 }
 
 /// Runs `handler` over `messages` until the broker is idle; messages/s.
-async fn run_idem<S: DedupStore>(
+async fn run_idem<S: idem::DedupStore<M>, M>(
     store: S,
     handler: &str,
     topic: &str,
@@ -254,7 +254,7 @@ async fn run_store_loop(
                         ttl: Some(Duration::from_secs(600)),
                     })
                     .collect();
-                let claims = store.claim(&mut NoTx, &requests).await.expect("claim");
+                let claims = store.claim_all(&requests).await.expect("claim");
                 let claimed: Vec<Claimed<'_>> = requests
                     .iter()
                     .zip(&claims)
@@ -267,7 +267,7 @@ async fn run_store_loop(
                         _ => None,
                     })
                     .collect();
-                store.commit(NoTx, &claimed).await.expect("commit");
+                store.complete_all(&claimed).await.expect("commit");
                 done += keys.len();
             }
         });

@@ -11,7 +11,7 @@ use common::{effect_counts, order, run_until_idle, sqlite};
 use idem::source::memory::{BrokerEvent, Faults, MemoryBroker};
 use idem::store::sqlite::SqliteStore;
 use idem::store::{Claim, ClaimRequest, Claimed};
-use idem::{Ack, DedupStore, Runtime, StoreError, TransactionalStore, Tx, idempotent};
+use idem::{Ack, Runtime, StoreError, Tx, TxStore, idempotent};
 use serde::Deserialize;
 
 struct Recording {
@@ -19,7 +19,7 @@ struct Recording {
     broker: MemoryBroker,
 }
 
-impl DedupStore for Recording {
+impl TxStore for Recording {
     type Tx<'c> = Tx<'c>;
 
     fn kind(&self) -> &'static str {
@@ -44,12 +44,8 @@ impl DedupStore for Recording {
         self.broker.record(BrokerEvent::Committed { ids });
         Ok(())
     }
-    async fn rollback(
-        &self,
-        tx: Self::Tx<'static>,
-        claimed: &[Claimed<'_>],
-    ) -> Result<(), StoreError> {
-        self.inner.rollback(tx, claimed).await
+    async fn rollback(&self, tx: Self::Tx<'static>) -> Result<(), StoreError> {
+        self.inner.rollback(tx).await
     }
     async fn unclaim(
         &self,
@@ -58,15 +54,13 @@ impl DedupStore for Recording {
     ) -> Result<(), StoreError> {
         self.inner.unclaim(tx, claimed).await
     }
-    async fn nested<'t>(&self, tx: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, StoreError> {
-        self.inner.nested(tx).await
+    async fn savepoint<'t>(&self, tx: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, StoreError> {
+        self.inner.savepoint(tx).await
     }
-    async fn end_nested(&self, tx: Self::Tx<'_>, commit: bool) -> Result<(), StoreError> {
-        self.inner.end_nested(tx, commit).await
+    async fn end_savepoint(&self, tx: Self::Tx<'_>, keep: bool) -> Result<(), StoreError> {
+        self.inner.end_savepoint(tx, keep).await
     }
 }
-
-impl TransactionalStore for Recording {}
 
 #[derive(Debug, Deserialize)]
 struct Order {

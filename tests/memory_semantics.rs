@@ -241,52 +241,36 @@ async fn manual_immediate_with_lease_store_acks_when_the_handler_says_so() {
 #[derive(Default)]
 struct FlakyRelease(MemoryStore);
 
-impl idem::DedupStore for FlakyRelease {
-    type Tx<'c> = idem::NoTx;
-    const COMMITS_WITH_HANDLER: bool = false;
-
+impl idem::LeaseStore for FlakyRelease {
     fn kind(&self) -> &'static str {
         "flaky-release"
     }
-    async fn begin(&self) -> Result<idem::NoTx, idem::StoreError> {
-        self.0.begin().await
-    }
     async fn claim(
         &self,
-        tx: &mut Self::Tx<'_>,
+        request: &idem::store::ClaimRequest<'_>,
+    ) -> Result<idem::store::Claim, idem::StoreError> {
+        self.0.claim(request).await
+    }
+    async fn claim_all(
+        &self,
         requests: &[idem::store::ClaimRequest<'_>],
     ) -> Result<Vec<idem::store::Claim>, idem::StoreError> {
-        self.0.claim(tx, requests).await
+        self.0.claim_all(requests).await
     }
-    async fn commit(
+    async fn complete(&self, done: &idem::store::Claimed<'_>) -> Result<(), idem::StoreError> {
+        self.0.complete(done).await
+    }
+    async fn complete_all(
         &self,
-        tx: idem::NoTx,
         done: &[idem::store::Claimed<'_>],
     ) -> Result<(), idem::StoreError> {
-        self.0.commit(tx, done).await
+        self.0.complete_all(done).await
     }
-    async fn rollback(
-        &self,
-        tx: idem::NoTx,
-        claimed: &[idem::store::Claimed<'_>],
-    ) -> Result<(), idem::StoreError> {
-        self.0.rollback(tx, claimed).await
-    }
-    async fn unclaim(
-        &self,
-        _tx: &mut Self::Tx<'_>,
-        _claimed: &[idem::store::Claimed<'_>],
-    ) -> Result<(), idem::StoreError> {
+    async fn release(&self, _claimed: &idem::store::Claimed<'_>) -> Result<(), idem::StoreError> {
         Err(idem::StoreError::unavailable(
             "flaky-release",
             std::io::Error::other("connection reset"),
         ))
-    }
-    async fn nested<'t>(&self, tx: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, idem::StoreError> {
-        self.0.nested(tx).await
-    }
-    async fn end_nested(&self, tx: Self::Tx<'_>, commit: bool) -> Result<(), idem::StoreError> {
-        self.0.end_nested(tx, commit).await
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::{order, run_until_idle};
 use idem::source::memory::{Faults, MemoryBroker};
 use idem::store::postgres::PostgresStore;
-use idem::store::{Claim, ClaimRequest, Claimed, DedupStore};
+use idem::store::{Claim, ClaimRequest, Claimed, TxStore};
 use idem::{Fingerprint, Key, Runtime, StoreError, Tx, idempotent};
 use pg::Db;
 use serde::Deserialize;
@@ -244,7 +244,7 @@ async fn concurrent_claim_waits_then_sees_commit_or_rollback() {
                 let key = Key::new("k1").unwrap();
                 let mut tx = store.begin().await.unwrap();
                 let claim = store.claim(&mut tx, &[request(&key, 1, None)]).await;
-                let _ = store.rollback(tx, &[]).await;
+                let _ = store.rollback(tx).await;
                 claim
             }
         });
@@ -258,7 +258,7 @@ async fn concurrent_claim_waits_then_sees_commit_or_rollback() {
         if commit_first {
             store.commit(first, &claimed).await.unwrap();
         } else {
-            store.rollback(first, &claimed).await.unwrap();
+            store.rollback(first).await.unwrap();
         }
         let second = second.await.unwrap().expect("no error reaches the caller");
         let want = if commit_first {
@@ -655,7 +655,7 @@ async fn claim_transactions_plan_with_the_current_table_size() {
         .await
         .unwrap();
     assert_eq!(mode, "force_custom_plan");
-    db.store.rollback(tx, &[]).await.unwrap();
+    db.store.rollback(tx).await.unwrap();
     // Outside idem's transactions the application's setting is untouched.
     let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
         .fetch_one(db.pool())

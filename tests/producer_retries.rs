@@ -140,7 +140,7 @@ async fn deliver(
     run_until_idle(rt, broker).await;
 }
 
-async fn retries_are_duplicates<S: idem::DedupStore>(store: S, handler: &str, topic: &str) {
+async fn retries_are_duplicates<S: idem::DedupStore<M>, M>(store: S, handler: &str, topic: &str) {
     let broker = MemoryBroker::new();
     let rt = Runtime::builder(broker.clone())
         .store(store)
@@ -164,7 +164,11 @@ async fn retries_are_duplicates<S: idem::DedupStore>(store: S, handler: &str, to
     );
 }
 
-async fn changed_amount_is_a_conflict<S: idem::DedupStore>(store: S, handler: &str, topic: &str) {
+async fn changed_amount_is_a_conflict<S: idem::DedupStore<M>, M>(
+    store: S,
+    handler: &str,
+    topic: &str,
+) {
     let broker = MemoryBroker::new();
     let rt = Runtime::builder(broker.clone())
         .store(store)
@@ -210,12 +214,12 @@ macro_rules! store_suite {
             }
 
             #[idempotent(
-                        topic = "orders-by-amount",
-                        key = "order_id",
-                        store = $store,
-                        name = $by_amount,
-                        fingerprint = ["amount"]
-                    )]
+                                topic = "orders-by-amount",
+                                key = "order_id",
+                                store = $store,
+                                name = $by_amount,
+                                fingerprint = ["amount"]
+                            )]
             async fn by_amount(o: OrderPlaced) -> Result<(), String> {
                 apply($by_amount, &o);
                 Ok(())
@@ -262,7 +266,7 @@ store_suite!(
     "retries-redis-amount",
     redis_common::shared_store(
         idem::store::redis::RedisStore::builder(&redis_common::shared_url())
-            .prefix(&redis_common::unique_prefix("producer-retries"))
+            .prefix(redis_common::unique_prefix("producer-retries"))
     )
     .await
 );

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use common::{order, run_until_idle};
 use idem::source::memory::{Faults, MemoryBroker};
 use idem::store::redis::{Fallback, RedisStore, RedisStoreBuilder};
-use idem::store::{Claim, ClaimRequest, Claimed, DedupStore};
-use idem::{Backoff, CancellationToken, Fingerprint, Key, NoTx, Runtime, StoreError, idempotent};
+use idem::store::{Claim, ClaimRequest, Claimed, LeaseStore};
+use idem::{Backoff, CancellationToken, Fingerprint, Key, Runtime, StoreError, idempotent};
 use rh::{Inspect, RedisCluster, RedisServer, TurnCounter, command_calls, shared_store};
 use serde::{Deserialize, Serialize};
 
@@ -83,7 +83,7 @@ fn request<'a>(key: &'a Key, fp: u64, lease: Duration, ttl: Option<Duration>) ->
 
 async fn claim_one(store: &RedisStore, req: &ClaimRequest<'_>) -> Claim {
     let mut claims = store
-        .claim(&mut NoTx, std::slice::from_ref(req))
+        .claim_all(std::slice::from_ref(req))
         .await
         .expect("claim");
     assert_eq!(claims.len(), 1);
@@ -99,14 +99,11 @@ fn token(claim: &Claim) -> u64 {
 
 async fn commit(store: &RedisStore, req: &ClaimRequest<'_>, token: u64, result: Option<&str>) {
     store
-        .commit(
-            NoTx,
-            &[Claimed {
-                request: req,
-                token,
-                result,
-            }],
-        )
+        .complete_all(&[Claimed {
+            request: req,
+            token,
+            result,
+        }])
         .await
         .expect("commit");
 }
@@ -445,14 +442,14 @@ async fn release_releases_only_our_lease(store: RedisStore, inspect: Inspect) {
         token: t.wrapping_add(1).max(1),
         result: None,
     };
-    store.rollback(NoTx, &[wrong]).await.unwrap();
+    store.release_all(&[wrong]).await.unwrap();
     assert!(inspect.get(&key).await.unwrap().starts_with("p|"));
     let ours = Claimed {
         request: &req,
         token: t,
         result: None,
     };
-    store.rollback(NoTx, &[ours]).await.unwrap();
+    store.release_all(&[ours]).await.unwrap();
     assert_eq!(inspect.get(&key).await, None);
     // Unclaim (batch items) does the same.
     let t = token(&claim_one(&store, &req).await);
@@ -461,7 +458,7 @@ async fn release_releases_only_our_lease(store: RedisStore, inspect: Inspect) {
         token: t,
         result: None,
     };
-    store.unclaim(&mut NoTx, &[ours]).await.unwrap();
+    store.release_all(&[ours]).await.unwrap();
     assert_eq!(inspect.get(&key).await, None);
     // A released key can be claimed at once.
     token(&claim_one(&store, &req).await);
@@ -594,7 +591,7 @@ async fn a_batch_is_one_pipeline_to_claim_and_one_to_complete() {
 
     let _: () = inspect.run(redis::cmd("CONFIG").arg("RESETSTAT")).await;
     let (turns, trips) = (proxy.turns(), store.stats().round_trips);
-    let claims = store.claim(&mut NoTx, &requests).await.unwrap();
+    let claims = store.claim_all(&requests).await.unwrap();
     assert_eq!(
         proxy.turns() - turns,
         1,
@@ -613,7 +610,7 @@ async fn a_batch_is_one_pipeline_to_claim_and_one_to_complete() {
         })
         .collect();
     let turns = proxy.turns();
-    store.commit(NoTx, &done).await.unwrap();
+    store.complete_all(&done).await.unwrap();
     assert_eq!(
         proxy.turns() - turns,
         1,
@@ -624,7 +621,7 @@ async fn a_batch_is_one_pipeline_to_claim_and_one_to_complete() {
         1,
         "one script call for the batch"
     );
-    let again = store.claim(&mut NoTx, &requests).await.unwrap();
+    let again = store.claim_all(&requests).await.unwrap();
     assert!(again.iter().all(|c| *c == Claim::Done { cached: None }));
 
     // Through the runtime: 256 messages in batches of 64 (the broker hands
@@ -836,14 +833,12 @@ async fn redis_down_fails_closed_unless_the_fallback_is_chosen() {
     let k = Key::new("down-1").unwrap();
     let req = request(&k, 1, SEC, Some(MIN10));
     let err = closed
-        .claim(&mut NoTx, std::slice::from_ref(&req))
+        .claim_all(std::slice::from_ref(&req))
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Unavailable { .. }), "{err}");
     assert_eq!(
-        open.claim(&mut NoTx, std::slice::from_ref(&req))
-            .await
-            .unwrap(),
+        open.claim_all(std::slice::from_ref(&req)).await.unwrap(),
         vec![Claim::New { token: 0 }]
     );
     commit(&open, &req, 0, None).await; // best effort, not an error
@@ -942,7 +937,7 @@ async fn the_password_never_appears_in_logs_errors_or_debug() {
     shown.push(format!("{err} {err:?}"));
     server.kill();
     let err = store
-        .claim(&mut NoTx, std::slice::from_ref(&req))
+        .claim_all(std::slice::from_ref(&req))
         .await
         .unwrap_err();
     shown.push(format!("{err} {err:?}"));
@@ -1024,7 +1019,7 @@ async fn the_store_works_on_a_redis_cluster() {
         slots.insert(slot);
     }
     let trips = store.stats().round_trips;
-    let claims = store.claim(&mut NoTx, &requests).await.unwrap();
+    let claims = store.claim_all(&requests).await.unwrap();
     assert_eq!(store.stats().round_trips - trips, slots.len() as u64);
     let done: Vec<Claimed<'_>> = requests
         .iter()
@@ -1035,8 +1030,8 @@ async fn the_store_works_on_a_redis_cluster() {
             result: Some("1"),
         })
         .collect();
-    store.commit(NoTx, &done).await.unwrap();
-    let again = store.claim(&mut NoTx, &requests).await.unwrap();
+    store.complete_all(&done).await.unwrap();
+    let again = store.claim_all(&requests).await.unwrap();
     assert!(
         again.iter().all(|c| *c
             == Claim::Done {

@@ -401,13 +401,20 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
         Param::Ack => quote_spanned! {*span=> __ack },
         Param::Delivery => quote_spanned! {*span=> __delivery },
     });
+    // The store's mode: a handler with a `tx` parameter needs a TxStore; one
+    // without works with any store, generically over the mode.
+    let (mode, generics) = if sig.tx.is_some() {
+        (quote! { #private::Transactional }, quote! {})
+    } else {
+        (quote! { __M }, quote! { <__M: 'static> })
+    };
     let call_span = fn_name.span();
     let call = quote_spanned! {call_span=>
         #[allow(unused_variables)]
         fn call<'__a, '__c: '__a>(
             &'__a self,
             __payload: #payload,
-            __tx: &'__a mut <#store_ty as #krate::DedupStore>::Tx<'__c>,
+            __tx: &'__a mut <#store_ty as #krate::DedupStore<#mode>>::Tx<'__c>,
             __delivery: &'__a #krate::Delivery,
             __ack: #krate::Ack,
         ) -> impl ::core::future::Future<Output = #output> + ::core::marker::Send + '__a {
@@ -425,7 +432,8 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
     // link repeats its bound as `assert_*::<T>()` at the same span first:
     // rustc reports the bound once, from the runtime's documented assert.
     let payload_bound = quote_spanned! {payload_span=> for<'__idem> #payload: #krate::Payload };
-    let store_bound = quote_spanned! {store_span=> for<'__idem> #store_ty: #krate::DedupStore };
+    let store_bound =
+        quote_spanned! {store_span=> for<'__idem> #store_ty: #krate::DedupStore<#mode> };
     let at = |(first, last): (Span, Span), fn_name: &str| {
         let ty = respan(ty.to_token_stream(), first);
         let f = format_ident!("{}", fn_name, span = last);
@@ -463,13 +471,14 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
             #[derive(Default)]
             struct #ty;
 
-            impl #krate::HandlerFn for #ty
+            impl #generics #krate::HandlerFn<#mode> for #ty
             where
                 #payload_bound,
                 #store_bound,
             {
                 type Payload = #payload;
                 type Store = #store_ty;
+                type Codec = #krate::Json;
                 type Result = #output;
                 const META: #krate::HandlerMeta = #krate::HandlerMeta {
                     name: #name,
@@ -505,15 +514,15 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
                 where
                     #payload_bound,
                 {
-                    #assert_store::<#store_ty>();
+                    #assert_store::<#store_ty, _>();
                     #check_store
                 }
-                const fn __idem_store_checked() -> #private::HandlerDescriptor
+                const fn __idem_store_checked #generics () -> #private::HandlerDescriptor
                 where
                     #payload_bound,
                     #store_bound,
                 {
-                    #private::HandlerDescriptor::of::<#ty>()
+                    #private::HandlerDescriptor::of::<#ty, #mode>()
                 }
             }
 

@@ -1,9 +1,10 @@
 //! The consumer loop of one handler over one subscription: fetch, dispatch
-//! (bounded concurrency, per-key lanes or batches), retry with backoff,
-//! dead-letter, settle, and shut down gracefully.
+//! (bounded concurrency, per-key lanes or batches), act on each attempt's
+//! [`Outcome`] (retry, wait, redeliver, dead-letter), settle with the broker
+//! as the ack mode says, and shut down gracefully.
 //!
-//! It is generic over the subscription and knows nothing of stores: what a
-//! delivery's fate is comes from `process` as an `Outcome`.
+//! It is generic over the subscription and the handler's [`Service`], and
+//! knows nothing of stores: what a delivery came to arrives as an outcome.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -14,13 +15,12 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::ack::AckMode;
 use crate::delivery::Delivery;
 use crate::handler::{Backoff, HandlerMeta, OnInProgress};
 use crate::metrics::HandlerMetrics;
-use crate::process::{ErasedHandler, Outcome};
+use crate::service::{Attempt, Outcome, Service};
 use crate::source::{DeadLetter, Subscription};
 use crate::sync::lock;
 
@@ -38,11 +38,45 @@ pub(crate) struct LoopConfig {
     pub(crate) store_backoff: Backoff,
 }
 
-struct Ctx<Sub> {
+/// When the broker learns that a delivery is done: the ack mode, as the
+/// loop carries it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    /// `before`: acked as it is taken up; what follows is only logged.
+    Before,
+    /// `auto`, and `manual_immediate` on a transactional store: each
+    /// delivery is acked after its commit.
+    Each,
+    /// `manual_immediate` on a lease store: acked the moment the handler
+    /// calls `ack.ack()` (its effects are applied by then).
+    AtCall,
+    /// `manual`: the acks of one fetched batch go out together when its
+    /// last delivery is finished.
+    Grouped,
+    /// `batch`: a fetched batch is one unit of work; its successes are
+    /// acked with one call, its failures go on alone.
+    Batch,
+}
+
+impl Settle {
+    fn of(ack: AckMode, transactional: bool) -> Self {
+        match ack {
+            AckMode::Before => Settle::Before,
+            AckMode::Auto => Settle::Each,
+            AckMode::ManualImmediate if transactional => Settle::Each,
+            AckMode::ManualImmediate => Settle::AtCall,
+            AckMode::Manual => Settle::Grouped,
+            AckMode::Batch => Settle::Batch,
+        }
+    }
+}
+
+struct Ctx<Sub, Svc> {
     sub: Sub,
-    handler: Arc<dyn ErasedHandler>,
+    service: Svc,
     meta: &'static HandlerMeta,
     metrics: Arc<HandlerMetrics>,
+    settle: Settle,
     stop: CancellationToken,
     store_backoff: Backoff,
     /// Deliveries handed to tasks and not yet settled, to hand back to the
@@ -59,25 +93,6 @@ struct Job {
     _permit: OwnedSemaphorePermit,
 }
 
-/// A message the handler acked before it finished, and how it finished.
-struct AckedEarly(Outcome);
-
-impl AckedEarly {
-    fn report(self, metrics: &HandlerMetrics) {
-        match self.0 {
-            Outcome::Processed => HandlerMetrics::inc(&metrics.processed),
-            Outcome::StoreDown(error) => {
-                HandlerMetrics::inc(&metrics.processed);
-                tracing::warn!(error = %error, "the handler acked its message, then the done-record could not be written: a replay of the same key (new message id) would run again");
-            }
-            other => {
-                HandlerMetrics::inc(&metrics.failed);
-                tracing::warn!(outcome = ?other, "the handler called ack.ack() and then did not succeed; the broker already has the ack and will not redeliver");
-            }
-        }
-    }
-}
-
 /// `ack = "manual"`: the acks of one fetched batch, sent together when the
 /// last message of the batch is finished.
 struct AckGroup {
@@ -85,7 +100,7 @@ struct AckGroup {
     acks: Mutex<Vec<Delivery>>,
 }
 
-impl<Sub: Subscription> Ctx<Sub> {
+impl<Sub: Subscription, Svc: Service> Ctx<Sub, Svc> {
     fn forget(&self, seq: u64) {
         lock(&self.unsettled).remove(&seq);
     }
@@ -110,7 +125,6 @@ impl<Sub: Subscription> Ctx<Sub> {
 
     async fn dead_letter(&self, seq: u64, d: &Delivery, reason: String, attempts: u32) {
         self.forget(seq);
-        HandlerMetrics::inc(&self.metrics.dead_lettered);
         tracing::error!(handler = self.meta.name, message_id = %d.id, reason = %reason, attempts, "dead-lettered");
         let letter = DeadLetter {
             reason,
@@ -131,81 +145,90 @@ impl<Sub: Subscription> Ctx<Sub> {
         }
     }
 
-    /// Takes one delivery to a settled state, starting from `first` if the
-    /// first attempt already ran (batch mode).
-    async fn drive(
-        &self,
-        seq: u64,
-        d: &Delivery,
-        group: Option<&AckGroup>,
-        mut first: Option<Outcome>,
-    ) {
+    /// One call of the service for one attempt. With [`Settle::AtCall`] the
+    /// ack goes to the broker the moment the handler calls `ack.ack()`;
+    /// `true` when that happened (the delivery is settled, whatever the
+    /// outcome).
+    async fn call(&self, seq: u64, attempt: &mut Attempt<'_>) -> bool {
+        if self.settle != Settle::AtCall {
+            self.service.call(std::slice::from_mut(attempt)).await;
+            return false;
+        }
+        let d = attempt.delivery();
+        let probe = attempt.ack_at_call();
+        let run = self.service.call(std::slice::from_mut(attempt));
+        tokio::pin!(run);
+        tokio::select! {
+            biased;
+            () = &mut run => return false,
+            () = probe.acked() => {}
+        }
+        self.ack(seq, d, None).await;
+        run.await;
+        true
+    }
+
+    /// Takes one delivery to a settled state. `attempt` may carry the
+    /// outcome of a first try already (a batch item that did not succeed).
+    async fn drive(&self, seq: u64, mut attempt: Attempt<'_>, group: Option<&AckGroup>) {
         let meta = self.meta;
-        let mut attempt = d.attempt;
-        let mut store_failures = 0u32;
-        if meta.ack == AckMode::Before {
+        let d = attempt.delivery();
+        let mut outages = 0u32;
+        if self.settle == Settle::Before {
             self.ack(seq, d, None).await;
         }
         loop {
-            let outcome = match first.take() {
-                Some(o) => o,
-                None if self.handler.acks_at_call() => {
-                    match self.process_acking_at_call(seq, d).await {
-                        Ok(outcome) => outcome,
-                        Err(settled) => {
-                            settled.report(&self.metrics);
-                            return;
-                        }
-                    }
-                }
-                None => self.handler.process(d, None).await,
-            };
+            if attempt.outcome().is_none() && self.call(seq, &mut attempt).await {
+                report_acked_at_call(attempt.outcome());
+                return;
+            }
+            let outcome = attempt
+                .take_outcome()
+                .expect("the handler's service sets every attempt's outcome");
             match outcome {
-                Outcome::Processed => {
-                    HandlerMetrics::inc(&self.metrics.processed);
-                    if meta.ack != AckMode::Before {
+                Outcome::Processed | Outcome::Duplicate { .. } => {
+                    if let Outcome::Duplicate { cached } = &outcome {
+                        tracing::debug!(
+                            cached_result = cached.as_deref().unwrap_or("none"),
+                            "duplicate: already processed, acked without running the handler"
+                        );
+                    }
+                    if self.settle != Settle::Before {
                         self.ack(seq, d, group).await;
                     }
                 }
-                Outcome::Duplicate(cached) => {
-                    HandlerMetrics::inc(&self.metrics.duplicate);
-                    tracing::debug!(
-                        cached_result = cached.as_deref().unwrap_or("none"),
-                        "duplicate: already processed, acked without running the handler"
-                    );
-                    if meta.ack != AckMode::Before {
-                        self.ack(seq, d, group).await;
-                    }
+                Outcome::Rejected { reason } if self.settle == Settle::Before => {
+                    tracing::error!(reason = %reason, "message dropped: `ack = \"before\"` already acked it (at most once)");
                 }
-                Outcome::DeadLetter(reason) => {
-                    if meta.ack == AckMode::Before {
-                        HandlerMetrics::inc(&self.metrics.failed);
-                        tracing::error!(reason = %reason, "message dropped: `ack = \"before\"` already acked it (at most once)");
-                    } else {
-                        self.dead_letter(seq, d, reason, attempt).await;
-                    }
+                Outcome::Rejected { reason } => {
+                    self.dead_letter(seq, d, reason, attempt.number()).await;
                 }
-                Outcome::Failed(reason) => {
-                    HandlerMetrics::inc(&self.metrics.failed);
-                    if meta.ack == AckMode::Before {
-                        tracing::error!(reason = %reason, "handler failed; `ack = \"before\"` already acked: the message is lost (at most once)");
-                    } else if attempt < meta.max_attempts() {
-                        tracing::warn!(reason = %reason, attempt, "handler failed; retrying");
-                        HandlerMetrics::inc(&self.metrics.retried);
-                        if !self.pause(meta.backoff.delay(attempt)).await {
-                            self.nack(seq, d, Duration::ZERO).await;
-                            return;
-                        }
-                        attempt += 1;
-                        continue;
-                    } else {
-                        let reason = format!("{reason} (gave up after {attempt} attempts)");
-                        self.dead_letter(seq, d, reason, attempt).await;
+                Outcome::Failed { reason, .. } if self.settle == Settle::Before => {
+                    tracing::error!(reason = %reason, "handler failed; `ack = \"before\"` already acked: the message is lost (at most once)");
+                }
+                Outcome::Failed {
+                    reason,
+                    retry_in: Some(delay),
+                } => {
+                    tracing::warn!(reason = %reason, attempt = attempt.number(), "handler failed; retrying");
+                    if !self.pause(delay).await {
+                        self.nack(seq, d, Duration::ZERO).await;
+                        return;
                     }
+                    attempt.retry();
+                    continue;
+                }
+                Outcome::Failed {
+                    reason,
+                    retry_in: None,
+                } => {
+                    let n = attempt.number();
+                    let reason = format!("{reason} (gave up after {n} attempts)");
+                    self.dead_letter(seq, d, reason, n).await;
                 }
                 // The holder may finish long before its lease runs out: look
                 // again in short steps rather than after the whole lease.
-                Outcome::Busy(retry_after) => match meta.on_in_progress {
+                Outcome::Busy { retry_after } => match meta.on_in_progress {
                     OnInProgress::Wait => {
                         let wait = retry_after.clamp(Duration::from_millis(10), BUSY_POLL);
                         if self.pause(wait).await {
@@ -218,56 +241,25 @@ impl<Sub: Subscription> Ctx<Sub> {
                     }
                 },
                 Outcome::Nacked => self.nack(seq, d, meta.backoff.min).await,
-                Outcome::StoreDown(error) => {
-                    store_failures += 1;
+                Outcome::StoreDown { error } => {
+                    outages += 1;
                     tracing::warn!(error = %error, "dedup store unavailable: handler not run, message not acked; backing off");
-                    if meta.ack != AckMode::Before
-                        && self.pause(self.store_backoff.delay(store_failures)).await
-                    {
+                    if self.settle == Settle::Before {
+                        return;
+                    }
+                    if self.pause(self.store_backoff.delay(outages)).await {
                         continue;
                     }
-                    if meta.ack != AckMode::Before {
-                        self.nack(seq, d, Duration::ZERO).await;
-                    }
+                    self.nack(seq, d, Duration::ZERO).await;
                 }
             }
             return;
         }
     }
 
-    /// `manual_immediate` with a lease store: the ack goes to the broker the
-    /// moment the handler calls `ack.ack()`. `Err` when that happened: the
-    /// message is settled, whatever the handler did afterwards.
-    async fn process_acking_at_call(&self, seq: u64, d: &Delivery) -> Result<Outcome, AckedEarly> {
-        let (ack, probe) = crate::ack::Ack::new();
-        let run = self.handler.process(d, Some((ack, probe.clone())));
-        tokio::pin!(run);
-        tokio::select! {
-            biased;
-            outcome = &mut run => return Ok(outcome),
-            _ = probe.acked() => {}
-        }
-        self.ack(seq, d, None).await;
-        Err(AckedEarly(run.await))
-    }
-
-    fn span(&self, d: &Delivery) -> tracing::Span {
-        tracing::info_span!(
-            "idem.message",
-            handler = self.meta.name,
-            message_id = %d.id,
-            attempt = d.attempt,
-            key = tracing::field::Empty,
-        )
-    }
-
     async fn run_job(&self, job: Job) {
-        HandlerMetrics::inc(&self.metrics.in_flight);
-        let span = self.span(&job.delivery);
-        self.drive(job.seq, &job.delivery, job.group.as_deref(), None)
-            .instrument(span)
+        self.drive(job.seq, Attempt::new(&job.delivery), job.group.as_deref())
             .await;
-        HandlerMetrics::dec(&self.metrics.in_flight);
         if let Some(group) = &job.group {
             self.finish_group_member(group).await;
         }
@@ -285,68 +277,64 @@ impl<Sub: Subscription> Ctx<Sub> {
         }
     }
 
+    /// `ack = "batch"`: the fetched batch as one unit of work.
     async fn run_batch(&self, jobs: Vec<Job>) {
-        let deliveries: Vec<Delivery> = jobs.iter().map(|j| j.delivery.clone()).collect();
-        let n = deliveries.len() as u64;
-        self.metrics.in_flight.fetch_add(n, Ordering::Relaxed);
-        let span = tracing::info_span!(
-            "idem.batch",
-            handler = self.meta.name,
-            size = deliveries.len()
-        );
-        let mut store_failures = 0u32;
-        let outcomes = loop {
-            let outcomes = self
-                .handler
-                .process_batch(&deliveries)
-                .instrument(span.clone())
-                .await;
-            let down = outcomes.iter().find_map(|o| match o {
-                Outcome::StoreDown(e) => Some(e.clone()),
+        let mut attempts: Vec<Attempt<'_>> =
+            jobs.iter().map(|j| Attempt::new(&j.delivery)).collect();
+        let mut outages = 0u32;
+        loop {
+            self.service.call(&mut attempts).await;
+            let down = attempts.iter().find_map(|a| match a.outcome() {
+                Some(Outcome::StoreDown { error }) => Some(error.clone()),
                 _ => None,
             });
-            let Some(error) = down else { break outcomes };
-            store_failures += 1;
-            tracing::warn!(parent: &span, error = %error, "dedup store unavailable: batch not run, not acked; backing off");
-            if !self.pause(self.store_backoff.delay(store_failures)).await {
+            let Some(error) = down else { break };
+            outages += 1;
+            tracing::warn!(handler = self.meta.name, error = %error, "dedup store unavailable: batch not run, not acked; backing off");
+            if !self.pause(self.store_backoff.delay(outages)).await {
                 for j in &jobs {
                     self.nack(j.seq, &j.delivery, Duration::ZERO).await;
                 }
-                self.metrics.in_flight.fetch_sub(n, Ordering::Relaxed);
                 return;
             }
-        };
-        let mut acks = Vec::new();
+            for a in &mut attempts {
+                a.take_outcome();
+            }
+        }
+        let mut acks = Vec::with_capacity(jobs.len());
         let mut rest = Vec::new();
-        for (job, outcome) in jobs.iter().zip(outcomes) {
-            match outcome {
-                Outcome::Processed => {
-                    HandlerMetrics::inc(&self.metrics.processed);
-                    self.forget(job.seq);
-                    acks.push(&job.delivery);
-                }
-                Outcome::Duplicate(_) => {
-                    HandlerMetrics::inc(&self.metrics.duplicate);
-                    self.forget(job.seq);
-                    acks.push(&job.delivery);
-                }
-                other => rest.push((job, other)),
+        for (job, attempt) in jobs.iter().zip(attempts) {
+            if attempt.outcome().is_some_and(Outcome::is_success) {
+                self.forget(job.seq);
+                acks.push(&job.delivery);
+            } else {
+                rest.push((job.seq, attempt));
             }
         }
         if !acks.is_empty()
             && let Err(e) = self.sub.ack_many(&acks).await
         {
-            tracing::warn!(parent: &span, error = %e, "batch ack failed; the broker will redeliver and idem will ack them as duplicates");
+            tracing::warn!(handler = self.meta.name, error = %e, "batch ack failed; the broker will redeliver and idem will ack them as duplicates");
         }
-        // Failed items go on alone: retried with backoff, then dead-lettered;
+        // The others go on alone: retried with backoff, then dead-lettered;
         // their neighbours are already committed and acked.
-        for (job, outcome) in rest {
-            let item_span = self.span(&job.delivery);
-            self.drive(job.seq, &job.delivery, None, Some(outcome))
-                .instrument(item_span)
-                .await;
+        for (seq, attempt) in rest {
+            self.drive(seq, attempt, None).await;
         }
-        self.metrics.in_flight.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// `manual_immediate` on a lease store: the handler acked its message and
+/// the ack went out; what came after is only reported.
+fn report_acked_at_call(outcome: Option<&Outcome>) {
+    match outcome {
+        Some(Outcome::Processed) => {}
+        Some(Outcome::StoreDown { error }) => {
+            tracing::warn!(error = %error, "the handler acked its message, then the done-record could not be written: a replay of the same key (new message id) would run again")
+        }
+        other => {
+            tracing::warn!(outcome = ?other, "the handler called ack.ack() and then did not succeed; the broker already has the ack and will not redeliver")
+        }
     }
 }
 
@@ -362,19 +350,23 @@ fn lane_of(d: &Delivery, lanes: usize) -> usize {
 /// Runs one handler's loop until `stop` fires, then shuts down: no new
 /// fetches, in-flight work finishes within the timeout, and whatever is
 /// still unsettled after it is handed back to the broker.
-pub(crate) async fn consume<Sub: Subscription>(
+pub(crate) async fn consume<Sub: Subscription, Svc: Service>(
     sub: Sub,
-    handler: Arc<dyn ErasedHandler>,
+    service: Svc,
+    transactional: bool,
+    metrics: Arc<HandlerMetrics>,
     cfg: LoopConfig,
     stop: CancellationToken,
 ) {
-    let meta = handler.meta();
+    let meta = service.meta();
     let concurrency = cfg.concurrency.max(1);
+    let settle = Settle::of(meta.ack, transactional);
     let ctx = Arc::new(Ctx {
         sub,
-        metrics: handler.metrics().clone(),
-        handler,
+        service,
         meta,
+        metrics,
+        settle,
         stop: stop.clone(),
         store_backoff: cfg.store_backoff,
         unsettled: Mutex::new(HashMap::new()),
@@ -383,7 +375,7 @@ pub(crate) async fn consume<Sub: Subscription>(
     let semaphore = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
     let mut lanes = Vec::new();
-    if meta.ordered && meta.ack != AckMode::Batch {
+    if meta.ordered && settle != Settle::Batch {
         for _ in 0..concurrency {
             let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
             let ctx = ctx.clone();
@@ -422,7 +414,7 @@ pub(crate) async fn consume<Sub: Subscription>(
             continue;
         }
         let n = deliveries.len();
-        ctx.metrics.received.fetch_add(n as u64, Ordering::Relaxed);
+        HandlerMetrics::add(&ctx.metrics.received, n as u64);
         let mut permit = first;
         if n > 1 {
             match semaphore.clone().try_acquire_many_owned((n - 1) as u32) {
@@ -437,7 +429,7 @@ pub(crate) async fn consume<Sub: Subscription>(
                 }
             }
         }
-        let group = (meta.ack == AckMode::Manual).then(|| {
+        let group = (settle == Settle::Grouped).then(|| {
             Arc::new(AckGroup {
                 remaining: AtomicUsize::new(n),
                 acks: Mutex::new(Vec::with_capacity(n)),
@@ -460,7 +452,7 @@ pub(crate) async fn consume<Sub: Subscription>(
                 });
             }
         }
-        if meta.ack == AckMode::Batch {
+        if settle == Settle::Batch {
             let ctx = ctx.clone();
             tasks.spawn(async move { ctx.run_batch(jobs).await });
         } else if !lanes.is_empty() {

@@ -1,21 +1,22 @@
-//! The handler contract between generated code and the runtime.
-//!
-//! `#[idempotent]` turns the user's fn into a unit type implementing
-//! [`HandlerFn`] and submits a [`HandlerDescriptor`] through `inventory`.
-//! Everything the runtime does with a handler goes through this trait; the
-//! generated code stays a thin adapter.
+//! The handler contract: what `#[idempotent]` generates and the runtime
+//! calls. Everything the runtime does with a handler goes through
+//! [`HandlerFn`] and its [`HandlerMeta`]; the generated code stays a thin
+//! adapter. This is the top layer: it imports no other part of the runtime
+//! but the contract types (keys, deliveries, acks, codecs, store traits).
 
 use std::future::Future;
 use std::time::Duration;
 
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 use crate::ack::{Ack, AckMode};
+use crate::codec::Codec;
 use crate::delivery::Delivery;
 use crate::fingerprint::Fingerprint;
-use crate::key::{Key, KeyError};
+use crate::key::{DEFAULT_MAX_KEY_LEN, Key, KeyError};
 use crate::store::DedupStore;
+
+pub use crate::codec::Payload;
 
 /// What to do with a message whose key is missing (`on_missing_key = …`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,20 +108,38 @@ pub struct HandlerMeta {
 }
 
 impl HandlerMeta {
+    /// Every default of the attribute, in one place. Generated code fills in
+    /// what the attribute set and takes the rest from here
+    /// (`HandlerMeta { topic: "orders", …, ..HandlerMeta::DEFAULTS }`); the
+    /// names are empty here and always set by the attribute.
+    pub const DEFAULTS: HandlerMeta = HandlerMeta {
+        name: "",
+        name_is_default: true,
+        path: "",
+        topic: "",
+        key: "message_id",
+        store: "none",
+        ack: AckMode::Auto,
+        ttl: None,
+        lease: Duration::from_secs(30),
+        retries: 3,
+        backoff: Backoff {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+        },
+        dead_letter: None,
+        ordered: false,
+        on_missing_key: OnMissingKey::DeadLetter,
+        on_in_progress: OnInProgress::Retry,
+        max_key_len: DEFAULT_MAX_KEY_LEN,
+        fingerprint: None,
+    };
+
     /// Attempts in all: the first plus `retries`.
     pub const fn max_attempts(&self) -> u32 {
         self.retries.saturating_add(1)
     }
 }
-
-/// A payload type: anything serde can decode (JSON on the wire).
-#[diagnostic::on_unimplemented(
-    message = "`{Self}` cannot be a message payload",
-    label = "payload type must implement `serde::Deserialize`",
-    note = "add `#[derive(serde::Deserialize)]` to `{Self}` (idem decodes payloads as JSON)"
-)]
-pub trait Payload: DeserializeOwned + Send + Sync + 'static {}
-impl<T: DeserializeOwned + Send + Sync + 'static> Payload for T {}
 
 /// What a handler may return: `Result<T, E>` with a serializable `T` (cached
 /// and handed to later duplicates) and a displayable `E` (logged, and the
@@ -147,13 +166,20 @@ impl<T: Serialize + Send, E: std::fmt::Display + Send> HandlerResult for Result<
     }
 }
 
-/// A handler, as the macro generates it. Implemented by hand only for
-/// handlers built without the macro.
-pub trait HandlerFn: Send + Sync + 'static {
+/// A handler, as the macro generates it (implemented by hand only for
+/// handlers built without the macro).
+///
+/// `M` is the store's mode ([`store::mode`](crate::store::mode)): a handler
+/// without a `tx` parameter works with any store (`impl<M> HandlerFn<M>`), one
+/// with a `tx` parameter only with a [`TxStore`](crate::store::TxStore)
+/// (`HandlerFn<mode::Transactional>`).
+pub trait HandlerFn<M>: Send + Sync + 'static {
     /// The decoded payload.
-    type Payload: Payload;
+    type Payload: Send + 'static;
     /// The dedup store.
-    type Store: DedupStore;
+    type Store: DedupStore<M>;
+    /// How payloads are decoded (`codec = …`; JSON by default).
+    type Codec: Codec<Self::Payload>;
     /// What the user fn returns.
     type Result: HandlerResult;
     /// The attribute's settings.
@@ -175,28 +201,8 @@ pub trait HandlerFn: Send + Sync + 'static {
     fn call<'a, 'c: 'a>(
         &'a self,
         payload: Self::Payload,
-        tx: &'a mut <Self::Store as DedupStore>::Tx<'c>,
+        tx: &'a mut <Self::Store as DedupStore<M>>::Tx<'c>,
         delivery: &'a Delivery,
         ack: Ack,
     ) -> impl Future<Output = Self::Result> + Send + 'a;
 }
-
-/// What `inventory` collects: one per annotated handler.
-#[derive(Debug)]
-pub struct HandlerDescriptor {
-    /// The attribute's settings.
-    pub meta: HandlerMeta,
-    pub(crate) bind: crate::runtime::BindFn,
-}
-
-impl HandlerDescriptor {
-    /// The descriptor of handler `H` (used by generated code).
-    pub const fn of<H: HandlerFn + Default>() -> Self {
-        HandlerDescriptor {
-            meta: H::META,
-            bind: crate::process::bind::<H>,
-        }
-    }
-}
-
-inventory::collect!(HandlerDescriptor);

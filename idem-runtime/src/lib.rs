@@ -1,23 +1,48 @@
 //! Runtime of [idem](https://docs.rs/idem): the consumer loop, dedup stores
 //! and sources behind `#[idempotent]`. Users depend on the `idem` facade,
 //! which re-exports this crate and the macro.
+//!
+//! # Layers
+//!
+//! Modules depend one way, each only on the layers above it:
+//!
+//! 1. **Handler contract** — [`handler`] (what the macro generates:
+//!    [`HandlerFn`], [`HandlerMeta`]), [`key`], [`delivery`], [`ack`],
+//!    [`codec`], [`fingerprint`], and [`service`] (the message path as a
+//!    [`Service`](service::Service) of attempts and outcomes, with
+//!    [`Layer`](service::Layer)s around it). Beside it, the two extension
+//!    points with their implementations: [`store`] ([`LeaseStore`],
+//!    [`TxStore`]) and [`source`] ([`Source`], [`Subscription`]).
+//! 2. **Binding** — `binding`: a handler's descriptor bound to its store,
+//!    type-erased; the store registry ([`Stores`]); [`BuildError`].
+//! 3. **Pipeline** — `pipeline`: decode → key → claim → call → settle for one
+//!    unit of work, the claim guard, the retry policy, and the built-in
+//!    tracing and counters layers.
+//! 4. **Consumer loop** — `consumer`: fetch, lanes, concurrency, and the
+//!    ack mode as a settle strategy.
+//! 5. **Runtime** — [`runtime`]: builder, registry, shutdown.
 #![forbid(unsafe_code)]
 
 pub mod ack;
+mod binding;
+pub mod codec;
 mod consumer;
 pub mod delivery;
 pub mod fingerprint;
 pub mod handler;
 pub mod key;
 pub mod metrics;
-mod process;
+mod pipeline;
 pub mod redact;
 pub mod runtime;
+pub mod service;
 pub mod source;
 pub mod store;
 mod sync;
 
 pub use ack::{Ack, AckMode};
+pub use binding::{BuildError, HandlerDescriptor, Stores};
+pub use codec::{Codec, Json};
 pub use delivery::{Delivery, Headers, Receipt};
 pub use fingerprint::{Fingerprint, Fingerprinter};
 pub use handler::{
@@ -25,20 +50,21 @@ pub use handler::{
 };
 pub use key::{Key, KeyError, KeyExtractor};
 pub use metrics::Stats;
-pub use runtime::{BuildError, Registry, Runtime, RuntimeBuilder, Stores};
+pub use runtime::{Registry, Runtime, RuntimeBuilder};
 pub use source::{DeadLetter, Source, SourceError, Subscription};
 #[cfg(feature = "postgres")]
 pub use store::postgres;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use store::sql::Tx;
-pub use store::{DedupStore, NoStore, NoTx, StoreError, TransactionalStore};
+pub use store::{DedupStore, LeaseStore, NoStore, NoTx, StoreError, TxStore};
 pub use tokio_util::sync::CancellationToken;
 
 /// What generated code refers to. Not a public API: it changes without notice.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::handler::HandlerDescriptor;
+    pub use crate::binding::HandlerDescriptor;
     pub use crate::key::{Absent, Field, Header, KeyPart, MessageId, OptionalKeyPart};
+    pub use crate::store::mode::Transactional;
     pub use inventory;
     pub use serde;
     pub use std::time::Duration;
@@ -94,11 +120,11 @@ pub mod __private {
     }
 
     /// Compile-time check that a store hands the handler a transaction.
-    pub const fn assert_transactional<S: crate::store::TransactionalStore>() {}
+    pub const fn assert_transactional<S: crate::store::TxStore>() {}
     /// Compile-time check of the payload type.
     pub const fn assert_payload<P: crate::handler::Payload>() {}
     /// Compile-time check of the store type.
-    pub const fn assert_store<S: crate::store::DedupStore>() {}
+    pub const fn assert_store<S: crate::store::DedupStore<M>, M>() {}
     /// Compile-time check of a key extractor.
     pub fn assert_extractor<P, E: crate::key::KeyExtractor<P>>(_: &E) {}
 }

@@ -22,8 +22,12 @@ impl HandlerMetrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn dec(counter: &AtomicU64) {
-        counter.fetch_sub(1, Ordering::Relaxed);
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn sub(counter: &AtomicU64, n: u64) {
+        counter.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// A consistent-enough copy of the counters.

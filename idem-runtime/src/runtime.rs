@@ -2,116 +2,25 @@
 //! opens a subscription per handler and runs their consumer loops until
 //! told to stop.
 
-use std::any::{Any, TypeId};
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::binding::{Binding, BuildError, HandlerDescriptor, Purger, Stores};
 use crate::consumer::{LoopConfig, consume};
-use crate::handler::{Backoff, HandlerDescriptor, HandlerMeta};
-use crate::metrics::Stats;
-use crate::process::ErasedHandler;
+use crate::handler::{Backoff, HandlerMeta};
+use crate::metrics::{HandlerMetrics, Stats};
+use crate::pipeline::layers::{CountLayer, TraceLayer};
+use crate::service::{BoxService, Layer, Service};
 use crate::source::{Source, SubscribeSpec};
-use crate::store::{DedupStore, NoStore, StoreError};
-use futures_util::future::BoxFuture;
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::store::DedupStore;
 
-pub(crate) type BindFn =
-    fn(&'static HandlerMeta, &Stores) -> Result<Arc<dyn ErasedHandler>, BuildError>;
-
-/// Deletes up to one batch of expired records of one store (type-erased).
-type Purger = Arc<dyn Fn(u32) -> BoxFuture<'static, Result<u64, StoreError>> + Send + Sync>;
-
-/// The dedup stores handlers can use, one per store type.
-#[derive(Default)]
-pub struct Stores {
-    map: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
-    purgers: HashMap<TypeId, (&'static str, Purger)>,
-}
-
-impl Stores {
-    /// Adds (or replaces) the store of type `S`.
-    pub fn insert<S: DedupStore>(&mut self, store: S) {
-        let store = Arc::new(store);
-        let kind = store.kind();
-        let for_gc = store.clone();
-        let purger: Purger = Arc::new(move |batch| {
-            let store = for_gc.clone();
-            Box::pin(async move { crate::store::purge_all(&*store, batch).await })
-        });
-        self.purgers.insert(TypeId::of::<S>(), (kind, purger));
-        self.map.insert(TypeId::of::<S>(), store);
-    }
-
-    pub(crate) fn get<S: DedupStore>(&self) -> Option<Arc<S>> {
-        if TypeId::of::<S>() == TypeId::of::<NoStore>()
-            && !self.map.contains_key(&TypeId::of::<S>())
-        {
-            return (Arc::new(NoStore) as Arc<dyn Any + Send + Sync>)
-                .downcast()
-                .ok();
-        }
-        self.map
-            .get(&TypeId::of::<S>())
-            .cloned()
-            .and_then(|s| s.downcast().ok())
-    }
-}
-
-impl fmt::Debug for Stores {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Stores")
-            .field("count", &self.map.len())
-            .finish()
-    }
-}
-
-/// The runtime could not be built.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum BuildError {
-    /// Two handlers share a name (the namespace of their dedup records).
-    #[error(
-        "two handlers are named {name:?}: `{first}` and `{second}`; names are the namespace of dedup records and must be unique: set `name = \"…\"` on one of them"
-    )]
-    DuplicateName {
-        /// The shared name.
-        name: String,
-        /// One handler's path.
-        first: String,
-        /// The other's.
-        second: String,
-    },
-    /// A handler's store was not registered on the builder.
-    #[error(
-        "handler {handler:?} uses `store = {store}` but no store of type `{store_type}` was registered: add `.store(…)` with one to the runtime builder"
-    )]
-    MissingStore {
-        /// The handler.
-        handler: String,
-        /// The store as written in the attribute.
-        store: String,
-        /// The Rust type expected.
-        store_type: &'static str,
-    },
-    /// `handlers([...])` named a handler that does not exist.
-    #[error("no handler named {name:?}; known handlers: {known}")]
-    UnknownHandler {
-        /// The unknown name.
-        name: String,
-        /// The names that exist.
-        known: String,
-    },
-    /// There is nothing to run.
-    #[error(
-        "no handlers to run: annotate an async fn with #[idem::idempotent(topic = \"…\", …)] in a crate that is linked into this binary"
-    )]
-    NoHandlers,
-}
+/// A user layer, type-erased: wraps a handler's service in another.
+type LayerFn = Arc<dyn Fn(BoxService) -> BoxService + Send + Sync>;
 
 /// Every handler annotated with `#[idempotent]` in this binary.
 ///
@@ -196,11 +105,14 @@ pub struct RuntimeBuilder<S> {
     only: Option<Vec<String>>,
     cfg: LoopConfig,
     gc: Option<(Duration, u32)>,
+    layers: Vec<LayerFn>,
 }
 
 impl<S: Source> RuntimeBuilder<S> {
     /// Registers a dedup store; handlers with `store = …` of its type use it.
-    pub fn store<T: DedupStore>(mut self, store: T) -> Self {
+    /// Any [`LeaseStore`](crate::store::LeaseStore) or
+    /// [`TxStore`](crate::store::TxStore) (`M` is inferred).
+    pub fn store<T: DedupStore<M>, M>(mut self, store: T) -> Self {
         self.stores.insert(store);
         self
     }
@@ -245,6 +157,18 @@ impl<S: Source> RuntimeBuilder<S> {
         self
     }
 
+    /// Wraps every handler's service in `layer` (outside the built-in
+    /// tracing and counters layers; the last added is the outermost). Each
+    /// user layer costs one boxed future per call.
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<BoxService> + Send + Sync + 'static,
+    {
+        self.layers
+            .push(Arc::new(move |inner| BoxService::new(layer.layer(inner))));
+        self
+    }
+
     /// Binds every handler to its store.
     pub fn build(self) -> Result<Runtime<S>, BuildError> {
         let registry = Registry::from_inventory()?;
@@ -276,24 +200,34 @@ impl<S: Source> RuntimeBuilder<S> {
                     "handler has no explicit `name = \"…\"`: its dedup records are namespaced by the fn name, so renaming the fn reprocesses every message; set a stable name"
                 );
             }
-            handlers.push((desc.bind)(&desc.meta, &self.stores)?);
+            handlers.push(Handler {
+                meta: &desc.meta,
+                binding: desc.bind(&self.stores)?,
+                metrics: Arc::default(),
+            });
         }
-        let purgers = match self.gc {
-            Some(_) => self.stores.purgers.into_values().collect(),
-            None => Vec::new(),
-        };
+        let gc = self.gc.map(|(every, batch)| Gc {
+            every,
+            batch,
+            purgers: self.stores.purgers().collect(),
+        });
         Ok(Runtime {
             source: Arc::new(self.source),
             handlers,
+            stores: self.stores,
+            layers: self.layers,
             cfg: self.cfg,
-            gc: self.gc.map(|(every, batch)| Gc {
-                every,
-                batch,
-                purgers,
-            }),
+            gc,
             purged: Arc::new(AtomicU64::new(0)),
         })
     }
+}
+
+/// One bound handler and its counters.
+struct Handler {
+    meta: &'static HandlerMeta,
+    binding: Binding,
+    metrics: Arc<HandlerMetrics>,
 }
 
 /// Runs handlers against a source until stopped.
@@ -308,7 +242,9 @@ impl<S: Source> RuntimeBuilder<S> {
 /// ```
 pub struct Runtime<S> {
     source: Arc<S>,
-    handlers: Vec<Arc<dyn ErasedHandler>>,
+    handlers: Vec<Handler>,
+    stores: Stores,
+    layers: Vec<LayerFn>,
     cfg: LoopConfig,
     gc: Option<Gc>,
     purged: Arc<AtomicU64>,
@@ -328,7 +264,7 @@ impl<S> fmt::Debug for Runtime<S> {
                 &self
                     .handlers
                     .iter()
-                    .map(|h| h.meta().name)
+                    .map(|h| h.meta.name)
                     .collect::<Vec<_>>(),
             )
             .finish_non_exhaustive()
@@ -343,6 +279,7 @@ impl Runtime<()> {
             stores: Stores::default(),
             only: None,
             gc: None,
+            layers: Vec::new(),
             cfg: LoopConfig {
                 concurrency: 16,
                 shutdown_timeout: Duration::from_secs(30),
@@ -360,7 +297,7 @@ impl<S: Source> Runtime<S> {
     pub fn stats(&self) -> Vec<(&'static str, Stats)> {
         self.handlers
             .iter()
-            .map(|h| (h.meta().name, h.metrics().snapshot()))
+            .map(|h| (h.meta.name, h.metrics.snapshot()))
             .collect()
     }
 
@@ -368,8 +305,14 @@ impl<S: Source> Runtime<S> {
     pub fn stats_of(&self, name: &str) -> Option<Stats> {
         self.handlers
             .iter()
-            .find(|h| h.meta().name == name)
-            .map(|h| h.metrics().snapshot())
+            .find(|h| h.meta.name == name)
+            .map(|h| h.metrics.snapshot())
+    }
+
+    /// The registered store of type `T`, e.g. to look at its records in a
+    /// test: `runtime.store::<MemoryStore>()`.
+    pub fn store<T: Send + Sync + 'static>(&self) -> Option<Arc<T>> {
+        self.stores.get::<T>()
     }
 
     /// Expired dedup records deleted by the periodic purge so far.
@@ -403,35 +346,38 @@ impl<S: Source> Runtime<S> {
             }
         }
         for handler in &self.handlers {
-            let handler = handler.clone();
-            let source = self.source.clone();
-            let cfg = self.cfg.clone();
-            let stop = stop.clone();
-            loops.spawn(async move {
-                let meta = handler.meta();
-                let spec = SubscribeSpec {
-                    topic: meta.topic,
-                    group: meta.name,
-                    dead_letter: meta.dead_letter,
-                    prefetch: cfg.concurrency,
-                };
-                let mut failures = 0u32;
-                let sub = loop {
-                    match source.subscribe(spec).await {
-                        Ok(sub) => break sub,
-                        Err(e) => {
-                            failures += 1;
-                            tracing::warn!(handler = meta.name, error = %e, "subscribe failed; retrying");
-                            tokio::select! {
-                                _ = stop.cancelled() => return,
-                                _ = tokio::time::sleep(cfg.store_backoff.delay(failures)) => {}
-                            }
-                        }
-                    }
-                };
-                tracing::info!(handler = meta.name, topic = meta.topic, "consuming");
-                consume(sub, handler, cfg, stop).await;
-            });
+            // The built-in layers are composed statically; user layers wrap
+            // the result, each erased.
+            let counted = CountLayer(handler.metrics.clone())
+                .layer(TraceLayer.layer(handler.binding.service.clone()));
+            let transactional = handler.binding.transactional;
+            let (meta, metrics) = (handler.meta, handler.metrics.clone());
+            let (source, cfg, stop) = (self.source.clone(), self.cfg.clone(), stop.clone());
+            if self.layers.is_empty() {
+                loops.spawn(serve(
+                    source,
+                    meta,
+                    counted,
+                    transactional,
+                    metrics,
+                    cfg,
+                    stop,
+                ));
+            } else {
+                let layered = self
+                    .layers
+                    .iter()
+                    .fold(BoxService::new(counted), |inner, layer| layer(inner));
+                loops.spawn(serve(
+                    source,
+                    meta,
+                    layered,
+                    transactional,
+                    metrics,
+                    cfg,
+                    stop,
+                ));
+            }
         }
         while let Some(r) = loops.join_next().await {
             if let Err(e) = r {
@@ -450,4 +396,38 @@ impl<S: Source> Runtime<S> {
             trigger.cancel();
         });
     }
+}
+
+/// One handler's subscription (retried until it opens) and its loop.
+async fn serve<S: Source, Svc: Service>(
+    source: Arc<S>,
+    meta: &'static HandlerMeta,
+    service: Svc,
+    transactional: bool,
+    metrics: Arc<HandlerMetrics>,
+    cfg: LoopConfig,
+    stop: CancellationToken,
+) {
+    let spec = SubscribeSpec {
+        topic: meta.topic,
+        group: meta.name,
+        dead_letter: meta.dead_letter,
+        prefetch: cfg.concurrency,
+    };
+    let mut failures = 0u32;
+    let sub = loop {
+        match source.subscribe(spec).await {
+            Ok(sub) => break sub,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(handler = meta.name, error = %e, "subscribe failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(cfg.store_backoff.delay(failures)) => {}
+                }
+            }
+        }
+    };
+    tracing::info!(handler = meta.name, topic = meta.topic, "consuming");
+    consume(sub, service, transactional, metrics, cfg, stop).await;
 }

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use super::{Claim, ClaimRequest, Claimed, DedupStore, NoTx, StoreError};
+use super::{Claim, ClaimRequest, Claimed, LeaseStore, StoreError};
 use crate::fingerprint::Fingerprint;
 
 /// An in-memory dedup store with leases and TTLs.
@@ -112,7 +112,7 @@ impl MemoryStore {
         Claim::New { token }
     }
 
-    fn release(&self, claimed: &[Claimed<'_>]) {
+    fn release_leases(&self, claimed: &[Claimed<'_>]) {
         let mut map = self.lock();
         for c in claimed {
             let id = (
@@ -126,23 +126,17 @@ impl MemoryStore {
     }
 }
 
-impl DedupStore for MemoryStore {
-    type Tx<'c> = NoTx;
-    const COMMITS_WITH_HANDLER: bool = false;
-
+impl LeaseStore for MemoryStore {
     fn kind(&self) -> &'static str {
         "memory"
     }
 
-    async fn begin(&self) -> Result<NoTx, StoreError> {
-        Ok(NoTx)
+    async fn claim(&self, request: &ClaimRequest<'_>) -> Result<Claim, StoreError> {
+        let now = Instant::now();
+        Ok(self.claim_one(&mut self.lock(), request, now))
     }
 
-    async fn claim(
-        &self,
-        _tx: &mut Self::Tx<'_>,
-        requests: &[ClaimRequest<'_>],
-    ) -> Result<Vec<Claim>, StoreError> {
+    async fn claim_all(&self, requests: &[ClaimRequest<'_>]) -> Result<Vec<Claim>, StoreError> {
         let now = Instant::now();
         let mut map = self.lock();
         Ok(requests
@@ -151,7 +145,11 @@ impl DedupStore for MemoryStore {
             .collect())
     }
 
-    async fn commit(&self, _tx: NoTx, done: &[Claimed<'_>]) -> Result<(), StoreError> {
+    async fn complete(&self, done: &Claimed<'_>) -> Result<(), StoreError> {
+        self.complete_all(std::slice::from_ref(done)).await
+    }
+
+    async fn complete_all(&self, done: &[Claimed<'_>]) -> Result<(), StoreError> {
         let now = Instant::now();
         let mut map = self.lock();
         for c in done {
@@ -180,25 +178,13 @@ impl DedupStore for MemoryStore {
         Ok(())
     }
 
-    async fn rollback(&self, _tx: NoTx, claimed: &[Claimed<'_>]) -> Result<(), StoreError> {
-        self.release(claimed);
+    async fn release(&self, claimed: &Claimed<'_>) -> Result<(), StoreError> {
+        self.release_leases(std::slice::from_ref(claimed));
         Ok(())
     }
 
-    async fn unclaim(
-        &self,
-        _tx: &mut Self::Tx<'_>,
-        claimed: &[Claimed<'_>],
-    ) -> Result<(), StoreError> {
-        self.release(claimed);
-        Ok(())
-    }
-
-    async fn nested<'t>(&self, _tx: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, StoreError> {
-        Ok(NoTx)
-    }
-
-    async fn end_nested(&self, _tx: Self::Tx<'_>, _commit: bool) -> Result<(), StoreError> {
+    async fn release_all(&self, claimed: &[Claimed<'_>]) -> Result<(), StoreError> {
+        self.release_leases(claimed);
         Ok(())
     }
 

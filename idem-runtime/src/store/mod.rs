@@ -1,11 +1,20 @@
 //! Dedup stores: where idem remembers which messages already took effect.
 //!
-//! [`DedupStore`] is the one contract; the built-in stores (memory, SQLite,
-//! later PostgreSQL and Redis) and user stores implement it, and the consumer
-//! loop drives them all the same way. Transactional stores (SQL) claim keys
-//! inside the handler's transaction, so the record and the business writes
-//! commit together; lease stores (memory, Redis) hold a lease while the
-//! handler runs and write a done-record after it.
+//! A store implements one of two traits, and that choice is the one place
+//! where "transactional or not" is stated:
+//!
+//! - [`LeaseStore`]: claim a key with a lease, run the handler, then
+//!   [`complete`](LeaseStore::complete) (write the done-record) or
+//!   [`release`](LeaseStore::release). The handler's effects and the record
+//!   are not atomic. The memory and Redis stores, and most stores users write.
+//! - [`TxStore`]: the claim is a row written inside a transaction that the
+//!   handler writes through (`tx: &mut …`), so the record and the effects
+//!   commit together or not at all. The SQL stores.
+//!
+//! The runtime drives both through [`DedupStore`], which every `LeaseStore`
+//! and every `TxStore` implements on its own (it cannot be implemented by
+//! hand). What a failed handler means for the broker is not decided here but
+//! in the pipeline.
 
 use std::future::Future;
 use std::time::Duration;
@@ -71,78 +80,247 @@ impl ClaimRequest<'_> {
 /// What a claim found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// Nobody has processed this key: run the handler. The token proves
-    /// ownership of a lease (lease stores); SQL stores use 0.
+    /// Nobody has processed this key, and this claim now holds it: run the
+    /// handler. A lease store's `token` proves the lease is ours when it is
+    /// completed or released (so a consumer whose lease expired cannot undo
+    /// the next owner's); transactional stores use 0.
     New {
-        /// Ownership token, handed back on commit or rollback.
+        /// Ownership token, handed back in [`Claimed::token`].
         token: u64,
     },
-    /// Already processed: ack as a duplicate, do not run the handler.
+    /// Already processed, and the record has not expired: the delivery is a
+    /// duplicate, acked without running the handler.
     Done {
         /// The handler's cached result (JSON), if it returned one.
         cached: Option<String>,
     },
-    /// Another consumer holds the lease right now.
+    /// Another consumer holds the key right now (a live lease, or a row
+    /// another transaction inserted and has not committed). The delivery
+    /// waits or comes back later; it is never run alongside.
     InProgress {
-        /// When the lease runs out at the latest.
+        /// When the lease runs out at the latest (`ZERO` if unknown).
         retry_after: Duration,
     },
-    /// The key was processed with a different payload: same key, other
-    /// message. Only when both the record and the request carry a
-    /// fingerprint ([`ClaimRequest::conflict_with`]).
+    /// The key was processed (or is held) with a different payload: same
+    /// key, other message. Only when both the record and the request carry a
+    /// fingerprint ([`ClaimRequest::conflict_with`]). Dead-lettered.
     Conflict {
         /// The stored fingerprint.
         stored: Fingerprint,
     },
 }
 
-/// A claimed record, handed back when the transaction ends.
+/// A claimed key, handed back to complete or release it.
 #[derive(Debug, Clone, Copy)]
 pub struct Claimed<'a> {
     /// What was claimed.
     pub request: &'a ClaimRequest<'a>,
     /// The token from [`Claim::New`].
     pub token: u64,
-    /// The handler's result to cache (JSON), on commit.
+    /// The handler's result to cache (JSON), on completion.
     pub result: Option<&'a str>,
 }
 
-/// A dedup store.
+/// A dedup store that holds a **lease** while the handler runs and writes a
+/// **done-record** after it: memory, Redis, and the simple stores users write.
 ///
-/// The consumer loop calls, per message or per batch:
-/// `begin` → `claim` (all keys in one round trip) → handler(s) → `commit`
-/// (or `rollback`). In batch mode each item's handler runs in a `nested`
-/// transaction (a savepoint) so one failing item rolls back alone, and
-/// `unclaim` removes the failed items' claims before the batch commits.
+/// The runtime calls, per message: [`claim`](Self::claim) → handler →
+/// [`complete`](Self::complete) on success or [`release`](Self::release) on
+/// failure; in batch mode the `_all` forms, one call per batch (their
+/// defaults loop over the single forms; override them when the store can do
+/// a batch in one round trip).
 ///
-/// Lease stores (no transaction) use [`NoTx`] and implement `claim` as
-/// "take a lease", `commit` as "write done-records", `rollback` and
-/// `unclaim` as "release my leases".
+/// What each method must do:
+/// - `claim`: no live record → take a lease for `request.lease` and answer
+///   [`Claim::New`] with a token unique to this claim; a live lease →
+///   [`Claim::InProgress`]; a done-record whose `ttl` has not run out →
+///   [`Claim::Done`]; either of those with another fingerprint (check with
+///   [`ClaimRequest::conflict_with`]) → [`Claim::Conflict`]. An **expired
+///   lease** (its holder crashed or is too slow) is free again: claim it.
+/// - `complete`: replace the lease with a done-record kept for
+///   `request.ttl` (forever when `None`), caching `result`. If the lease was
+///   **lost** meanwhile (it expired and another consumer claimed the key),
+///   do not overwrite that consumer's lease or record: the handler ran twice,
+///   which is what a lease store cannot rule out; log it and return `Ok`.
+/// - `release`: delete the lease if it is still ours (same token), so the
+///   message can run again at once; otherwise leave the record alone.
+///
+/// The handler's effect and the done-record are not atomic: a crash between
+/// them lets the lease expire and the message run again. Stores that can put
+/// the record into the handler's own transaction implement [`TxStore`].
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::Mutex;
+/// use std::time::Instant;
+/// use idem_runtime::store::{Claim, ClaimRequest, Claimed, LeaseStore, StoreError};
+/// use idem_runtime::Fingerprint;
+///
+/// /// Records by (handler, key): a lease until an instant, or done.
+/// #[derive(Default)]
+/// struct MapStore {
+///     records: Mutex<HashMap<(String, String), (Option<Instant>, u64, Option<Fingerprint>)>>,
+///     next: Mutex<u64>,
+/// }
+///
+/// impl LeaseStore for MapStore {
+///     fn kind(&self) -> &'static str {
+///         "map"
+///     }
+///     async fn claim(&self, r: &ClaimRequest<'_>) -> Result<Claim, StoreError> {
+///         let mut records = self.records.lock().unwrap();
+///         let id = (r.handler.to_owned(), r.key.as_str().to_owned());
+///         let now = Instant::now();
+///         match records.get(&id) {
+///             Some(&(lease, _, stored)) if lease.is_none_or(|until| until > now) => {
+///                 if let Some(conflict) = r.conflict_with(stored) {
+///                     return Ok(conflict);
+///                 }
+///                 Ok(match lease {
+///                     None => Claim::Done { cached: None },
+///                     Some(until) => Claim::InProgress { retry_after: until - now },
+///                 })
+///             }
+///             _ => {
+///                 let token = { let mut n = self.next.lock().unwrap(); *n += 1; *n };
+///                 records.insert(id, (Some(now + r.lease), token, r.fingerprint));
+///                 Ok(Claim::New { token })
+///             }
+///         }
+///     }
+///     async fn complete(&self, c: &Claimed<'_>) -> Result<(), StoreError> {
+///         let mut records = self.records.lock().unwrap();
+///         let id = (c.request.handler.to_owned(), c.request.key.as_str().to_owned());
+///         match records.get(&id) {
+///             Some(&(Some(_), token, _)) if token != c.token => {} // lost lease: not ours
+///             _ => { records.insert(id, (None, c.token, c.request.fingerprint)); }
+///         }
+///         Ok(())
+///     }
+///     async fn release(&self, c: &Claimed<'_>) -> Result<(), StoreError> {
+///         let mut records = self.records.lock().unwrap();
+///         let id = (c.request.handler.to_owned(), c.request.key.as_str().to_owned());
+///         if matches!(records.get(&id), Some(&(Some(_), token, _)) if token == c.token) {
+///             records.remove(&id);
+///         }
+///         Ok(())
+///     }
+/// }
+/// # let _ = MapStore::default();
+/// ```
 #[diagnostic::on_unimplemented(
-    message = "`{Self}` is not an idem dedup store",
-    label = "not a dedup store",
-    note = "built-in stores: `store = \"sqlite\"`, `\"postgres\"`, `\"redis\"`, `\"memory\"` (each behind the idem cargo feature of the same name); a custom store type must implement `idem::DedupStore`"
+    message = "`{Self}` is not an idem lease store",
+    label = "not a LeaseStore",
+    note = "implement `idem::store::LeaseStore` (claim, complete, release) for it; see its docs for a complete example"
 )]
-pub trait DedupStore: Send + Sync + 'static {
-    /// The handle the handler receives as `tx: &mut …`; [`NoTx`] for stores
-    /// without transactions.
+pub trait LeaseStore: Send + Sync + 'static {
+    /// Short name for listings and logs (`"memory"`, `"redis"`, …).
+    fn kind(&self) -> &'static str;
+
+    /// Claims one key (see the trait docs for each answer).
+    fn claim(
+        &self,
+        request: &ClaimRequest<'_>,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+
+    /// Replaces our lease with the done-record (see the trait docs for a
+    /// lost lease).
+    fn complete(&self, done: &Claimed<'_>) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Deletes our lease, if it is still ours.
+    fn release(&self, claimed: &Claimed<'_>)
+    -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Claims several keys; one [`Claim`] per request, in order. The default
+    /// claims them one by one; override it to claim in one round trip.
+    fn claim_all(
+        &self,
+        requests: &[ClaimRequest<'_>],
+    ) -> impl Future<Output = Result<Vec<Claim>, StoreError>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(requests.len());
+            for r in requests {
+                out.push(self.claim(r).await?);
+            }
+            Ok(out)
+        }
+    }
+
+    /// Completes several claims. The default completes each (all of them,
+    /// even after a failure: every done-record written saves a re-run) and
+    /// returns the first error.
+    fn complete_all(
+        &self,
+        done: &[Claimed<'_>],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async move {
+            let mut first = None;
+            for c in done {
+                if let Err(e) = self.complete(c).await {
+                    first.get_or_insert(e);
+                }
+            }
+            first.map_or(Ok(()), Err)
+        }
+    }
+
+    /// Releases several claims. The default releases each and returns the
+    /// first error (a lease not released expires on its own).
+    fn release_all(
+        &self,
+        claimed: &[Claimed<'_>],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async move {
+            let mut first = None;
+            for c in claimed {
+                if let Err(e) = self.release(c).await {
+                    first.get_or_insert(e);
+                }
+            }
+            first.map_or(Ok(()), Err)
+        }
+    }
+
+    /// Deletes up to `limit` expired records; returns how many it deleted.
+    /// Stores whose records expire on their own keep the default (`Ok(0)`).
+    fn purge_expired(&self, limit: u32) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        let _ = limit;
+        async { Ok(0) }
+    }
+}
+
+/// A dedup store whose claim joins the handler's **transaction**: the record
+/// and the handler's writes (through `tx: &mut Self::Tx<'_>`) commit
+/// together, so a crash at any point leaves both or neither. The SQL stores.
+///
+/// The runtime calls, per message: [`begin`](Self::begin) →
+/// [`claim`](Self::claim) → handler(tx) → [`commit`](Self::commit) (or
+/// [`rollback`](Self::rollback)). In batch mode one transaction holds the
+/// batch: one `claim` for every key (one round trip), the handlers, one
+/// `commit`; when an item fails, the batch is redone with each item in a
+/// [`savepoint`](Self::savepoint) and the failed items' claims
+/// [`unclaim`](Self::unclaim)ed before the commit.
+///
+/// `claim` answers as for [`LeaseStore`], except that an uncommitted claim
+/// of another transaction is waited for (the database's row lock) and then
+/// read as committed ([`Claim::Done`]) or gone ([`Claim::New`]), and a key
+/// given twice in one call is claimed once ([`Claim::InProgress`] for the
+/// later copies). A claim never reaches the handler as a unique violation.
+#[diagnostic::on_unimplemented(
+    message = "store `{Self}` has no transaction to give the handler",
+    label = "this handler takes a `tx` parameter",
+    note = "remove the `tx` parameter, or use a store whose dedup record commits in the handler's transaction: `store = \"sqlite\"`, `\"postgres\"` or `\"mysql\"`, or a type implementing `idem::store::TxStore`"
+)]
+pub trait TxStore: Send + Sync + 'static {
+    /// The transaction the handler receives as `tx: &mut Self::Tx<'_>`.
     type Tx<'c>: Send
     where
         Self: 'c;
 
-    /// Whether the handler's effects commit together with the store's
-    /// record (SQL stores: the handler writes through `tx`). Then an ack
-    /// never reaches the broker before [`commit`](Self::commit) returned,
-    /// even in `manual_immediate` mode. Stores that only hold leases set
-    /// `false`: the handler's effects are already applied when it calls
-    /// `ack.ack()`, so `manual_immediate` sends the ack at that moment.
-    /// The default (`true`) is the safe one for a custom store.
-    const COMMITS_WITH_HANDLER: bool = true;
-
-    /// Short name for listings and logs (`"sqlite"`, `"memory"`, …).
+    /// Short name for listings and logs (`"sqlite"`, `"postgres"`, …).
     fn kind(&self) -> &'static str;
 
-    /// Starts a transaction (lease stores: returns [`NoTx`]).
+    /// Starts a transaction.
     fn begin(&self) -> impl Future<Output = Result<Self::Tx<'static>, StoreError>> + Send;
 
     /// Claims all keys in one round trip; one [`Claim`] per request, in order.
@@ -152,21 +330,33 @@ pub trait DedupStore: Send + Sync + 'static {
         requests: &[ClaimRequest<'_>],
     ) -> impl Future<Output = Result<Vec<Claim>, StoreError>> + Send;
 
-    /// Records results and makes everything durable.
+    /// Saves the results of `done` with their records and commits.
     fn commit(
         &self,
         tx: Self::Tx<'static>,
         done: &[Claimed<'_>],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Undoes everything since `begin`, including the claims.
+    /// Undoes everything since `begin`, the claims included.
     fn rollback(
         &self,
         tx: Self::Tx<'static>,
-        claimed: &[Claimed<'_>],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Removes these claims within a transaction that will still commit
+    /// Opens a savepoint for one batch item.
+    fn savepoint<'t>(
+        &self,
+        tx: &'t mut Self::Tx<'_>,
+    ) -> impl Future<Output = Result<Self::Tx<'t>, StoreError>> + Send;
+
+    /// Ends a savepoint: keep its writes (`keep = true`) or undo them.
+    fn end_savepoint(
+        &self,
+        savepoint: Self::Tx<'_>,
+        keep: bool,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Deletes these claims inside a transaction that will still commit
     /// (batch items whose handler failed).
     fn unclaim(
         &self,
@@ -174,24 +364,213 @@ pub trait DedupStore: Send + Sync + 'static {
         claimed: &[Claimed<'_>],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Opens a nested transaction (savepoint) for one batch item.
-    fn nested<'t>(
-        &self,
-        tx: &'t mut Self::Tx<'_>,
-    ) -> impl Future<Output = Result<Self::Tx<'t>, StoreError>> + Send;
-
-    /// Ends a nested transaction: keep (`commit = true`) or undo its writes.
-    fn end_nested(
-        &self,
-        tx: Self::Tx<'_>,
-        commit: bool,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-
     /// Deletes up to `limit` expired records; returns how many it deleted.
-    /// Stores whose records expire on their own return `Ok(0)`.
     fn purge_expired(&self, limit: u32) -> impl Future<Output = Result<u64, StoreError>> + Send {
         let _ = limit;
         async { Ok(0) }
+    }
+}
+
+/// Which of the two store traits a store implements: the `M` of
+/// [`DedupStore<M>`], inferred by the compiler.
+pub mod mode {
+    /// The store is a [`LeaseStore`](super::LeaseStore).
+    #[derive(Debug)]
+    pub enum Lease {}
+    /// The store is a [`TxStore`](super::TxStore).
+    #[derive(Debug)]
+    pub enum Transactional {}
+}
+
+mod sealed {
+    pub trait Sealed<M> {}
+    impl<T: super::LeaseStore> Sealed<super::mode::Lease> for T {}
+    impl<T: super::TxStore> Sealed<super::mode::Transactional> for T {}
+}
+
+/// How the runtime drives any store: implemented for every [`LeaseStore`]
+/// (`M` = [`mode::Lease`]) and every [`TxStore`] (`M` =
+/// [`mode::Transactional`]), and nothing else. Implement one of those two;
+/// the compiler picks `M`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an idem dedup store",
+    label = "not a dedup store",
+    note = "built-in stores: `store = \"sqlite\"`, `\"postgres\"`, `\"mysql\"`, `\"redis\"`, `\"memory\"` (each behind the idem cargo feature of the same name); a custom store type implements `idem::store::LeaseStore` or `idem::store::TxStore`"
+)]
+pub trait DedupStore<M>: sealed::Sealed<M> + Send + Sync + 'static {
+    /// The handle handlers receive: the store's transaction, or [`NoTx`].
+    type Tx<'c>: Send
+    where
+        Self: 'c;
+    /// Whether the record commits together with the handler's writes. Then
+    /// no ack ever reaches the broker before the commit; otherwise a
+    /// `manual_immediate` ack goes out the moment the handler calls
+    /// `ack.ack()` (its effects are applied by then).
+    const TRANSACTIONAL: bool;
+
+    #[doc(hidden)]
+    fn kind(&self) -> &'static str;
+    #[doc(hidden)]
+    fn begin(&self) -> impl Future<Output = Result<Self::Tx<'static>, StoreError>> + Send;
+    #[doc(hidden)]
+    fn claim(
+        &self,
+        tx: &mut Self::Tx<'_>,
+        requests: &[ClaimRequest<'_>],
+    ) -> impl Future<Output = Result<Vec<Claim>, StoreError>> + Send;
+    /// Commits (transactional) or writes the done-records (lease).
+    #[doc(hidden)]
+    fn finish(
+        &self,
+        tx: Self::Tx<'static>,
+        done: &[Claimed<'_>],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Rolls back (transactional) or releases the leases (lease).
+    #[doc(hidden)]
+    fn abort(
+        &self,
+        tx: Self::Tx<'static>,
+        claimed: &[Claimed<'_>],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Gives up these claims while the rest of the batch goes on.
+    #[doc(hidden)]
+    fn unclaim(
+        &self,
+        tx: &mut Self::Tx<'_>,
+        claimed: &[Claimed<'_>],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// A savepoint (transactional); lease stores have nothing to isolate.
+    #[doc(hidden)]
+    fn savepoint<'t>(
+        &self,
+        tx: &'t mut Self::Tx<'_>,
+    ) -> impl Future<Output = Result<Self::Tx<'t>, StoreError>> + Send;
+    #[doc(hidden)]
+    fn end_savepoint(
+        &self,
+        savepoint: Self::Tx<'_>,
+        keep: bool,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    #[doc(hidden)]
+    fn purge_expired(&self, limit: u32) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
+
+impl<T: LeaseStore> DedupStore<mode::Lease> for T {
+    type Tx<'c>
+        = NoTx
+    where
+        T: 'c;
+    const TRANSACTIONAL: bool = false;
+
+    fn kind(&self) -> &'static str {
+        LeaseStore::kind(self)
+    }
+    async fn begin(&self) -> Result<NoTx, StoreError> {
+        Ok(NoTx)
+    }
+    async fn claim(
+        &self,
+        _tx: &mut Self::Tx<'_>,
+        requests: &[ClaimRequest<'_>],
+    ) -> Result<Vec<Claim>, StoreError> {
+        match requests {
+            [one] => Ok(vec![LeaseStore::claim(self, one).await?]),
+            many => self.claim_all(many).await,
+        }
+    }
+    async fn finish(&self, _tx: NoTx, done: &[Claimed<'_>]) -> Result<(), StoreError> {
+        match done {
+            [] => Ok(()),
+            [one] => self.complete(one).await,
+            many => self.complete_all(many).await,
+        }
+    }
+    async fn abort(&self, _tx: NoTx, claimed: &[Claimed<'_>]) -> Result<(), StoreError> {
+        release_some(self, claimed).await
+    }
+    async fn unclaim(
+        &self,
+        _tx: &mut Self::Tx<'_>,
+        claimed: &[Claimed<'_>],
+    ) -> Result<(), StoreError> {
+        release_some(self, claimed).await
+    }
+    async fn savepoint<'t>(&self, _tx: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, StoreError> {
+        Ok(NoTx)
+    }
+    async fn end_savepoint(&self, _savepoint: Self::Tx<'_>, _keep: bool) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn purge_expired(&self, limit: u32) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        LeaseStore::purge_expired(self, limit)
+    }
+}
+
+/// `release` or `release_all` by count; nothing for none.
+async fn release_some<T: LeaseStore>(store: &T, claimed: &[Claimed<'_>]) -> Result<(), StoreError> {
+    match claimed {
+        [] => Ok(()),
+        [one] => store.release(one).await,
+        many => store.release_all(many).await,
+    }
+}
+
+impl<T: TxStore> DedupStore<mode::Transactional> for T {
+    type Tx<'c>
+        = T::Tx<'c>
+    where
+        T: 'c;
+    const TRANSACTIONAL: bool = true;
+
+    fn kind(&self) -> &'static str {
+        TxStore::kind(self)
+    }
+    fn begin(&self) -> impl Future<Output = Result<Self::Tx<'static>, StoreError>> + Send {
+        TxStore::begin(self)
+    }
+    fn claim(
+        &self,
+        tx: &mut Self::Tx<'_>,
+        requests: &[ClaimRequest<'_>],
+    ) -> impl Future<Output = Result<Vec<Claim>, StoreError>> + Send {
+        TxStore::claim(self, tx, requests)
+    }
+    fn finish(
+        &self,
+        tx: Self::Tx<'static>,
+        done: &[Claimed<'_>],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.commit(tx, done)
+    }
+    fn abort(
+        &self,
+        tx: Self::Tx<'static>,
+        _claimed: &[Claimed<'_>],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.rollback(tx)
+    }
+    fn unclaim(
+        &self,
+        tx: &mut Self::Tx<'_>,
+        claimed: &[Claimed<'_>],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        TxStore::unclaim(self, tx, claimed)
+    }
+    fn savepoint<'t>(
+        &self,
+        tx: &'t mut Self::Tx<'_>,
+    ) -> impl Future<Output = Result<Self::Tx<'t>, StoreError>> + Send {
+        TxStore::savepoint(self, tx)
+    }
+    fn end_savepoint(
+        &self,
+        savepoint: Self::Tx<'_>,
+        keep: bool,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        TxStore::end_savepoint(self, savepoint, keep)
+    }
+    fn purge_expired(&self, limit: u32) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        TxStore::purge_expired(self, limit)
     }
 }
 
@@ -208,7 +587,7 @@ pub trait DedupStore: Send + Sync + 'static {
 /// assert_eq!(idem_runtime::store::purge_all(&store, 1000).await?, 0);
 /// # Ok(()) }
 /// ```
-pub async fn purge_all<S: DedupStore>(store: &S, batch: u32) -> Result<u64, StoreError> {
+pub async fn purge_all<S: DedupStore<M>, M>(store: &S, batch: u32) -> Result<u64, StoreError> {
     let batch = batch.max(1);
     let mut total = 0;
     loop {
@@ -221,16 +600,6 @@ pub async fn purge_all<S: DedupStore>(store: &S, batch: u32) -> Result<u64, Stor
         tokio::task::yield_now().await;
     }
 }
-
-/// A store that can hand the handler a transaction (`tx: &mut …`).
-/// Implemented by the SQL stores; a custom transactional store implements it
-/// to allow a `tx` parameter.
-#[diagnostic::on_unimplemented(
-    message = "store `{Self}` has no transaction to give the handler",
-    label = "this handler takes a `tx` parameter",
-    note = "remove the `tx` parameter, or use `store = \"sqlite\"` / `store = \"postgres\"`, whose dedup record commits in the handler's transaction"
-)]
-pub trait TransactionalStore: DedupStore {}
 
 /// The transaction handle of stores without transactions.
 #[derive(Debug, Default, Clone, Copy)]
@@ -280,40 +649,17 @@ impl StoreError {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NoStore;
 
-impl DedupStore for NoStore {
-    type Tx<'c> = NoTx;
-    const COMMITS_WITH_HANDLER: bool = false;
-
+impl LeaseStore for NoStore {
     fn kind(&self) -> &'static str {
         "none"
     }
-    async fn begin(&self) -> Result<NoTx, StoreError> {
-        Ok(NoTx)
+    async fn claim(&self, _request: &ClaimRequest<'_>) -> Result<Claim, StoreError> {
+        Ok(Claim::New { token: 0 })
     }
-    async fn claim(
-        &self,
-        _tx: &mut Self::Tx<'_>,
-        requests: &[ClaimRequest<'_>],
-    ) -> Result<Vec<Claim>, StoreError> {
-        Ok(requests.iter().map(|_| Claim::New { token: 0 }).collect())
-    }
-    async fn commit(&self, _tx: NoTx, _done: &[Claimed<'_>]) -> Result<(), StoreError> {
+    async fn complete(&self, _done: &Claimed<'_>) -> Result<(), StoreError> {
         Ok(())
     }
-    async fn rollback(&self, _tx: NoTx, _claimed: &[Claimed<'_>]) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn unclaim(
-        &self,
-        _tx: &mut Self::Tx<'_>,
-        _claimed: &[Claimed<'_>],
-    ) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn nested<'t>(&self, _tx: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, StoreError> {
-        Ok(NoTx)
-    }
-    async fn end_nested(&self, _tx: Self::Tx<'_>, _commit: bool) -> Result<(), StoreError> {
+    async fn release(&self, _claimed: &Claimed<'_>) -> Result<(), StoreError> {
         Ok(())
     }
 }

@@ -41,7 +41,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Executor, Postgres, Row};
 
 use super::sql::{Tx, map_err, validate_identifier};
-use super::{Claim, ClaimRequest, Claimed, DedupStore, StoreError, TransactionalStore};
+use super::{Claim, ClaimRequest, Claimed, StoreError, TxStore};
 use crate::fingerprint::Fingerprint;
 
 const STORE: &str = "postgres";
@@ -342,7 +342,7 @@ fn done_or_conflict(r: &ClaimRequest<'_>, stored: i64, cached: Option<String>) -
         .unwrap_or(Claim::Done { cached })
 }
 
-impl DedupStore for PostgresStore {
+impl TxStore for PostgresStore {
     type Tx<'c> = Tx<'c, Postgres>;
 
     fn kind(&self) -> &'static str {
@@ -435,11 +435,7 @@ impl DedupStore for PostgresStore {
         tx.into_inner().commit().await.map_err(|e| self.err(e))
     }
 
-    async fn rollback(
-        &self,
-        tx: Tx<'static, Postgres>,
-        _claimed: &[Claimed<'_>],
-    ) -> Result<(), StoreError> {
+    async fn rollback(&self, tx: Tx<'static, Postgres>) -> Result<(), StoreError> {
         super::sql::rollback(tx).await.map_err(|e| self.err(e))
     }
 
@@ -462,12 +458,12 @@ impl DedupStore for PostgresStore {
         Ok(())
     }
 
-    async fn nested<'t>(&self, tx: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, StoreError> {
+    async fn savepoint<'t>(&self, tx: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, StoreError> {
         super::sql::nested(tx).await.map_err(|e| self.err(e))
     }
 
-    async fn end_nested(&self, tx: Self::Tx<'_>, commit: bool) -> Result<(), StoreError> {
-        super::sql::end_nested(tx, commit)
+    async fn end_savepoint(&self, tx: Self::Tx<'_>, keep: bool) -> Result<(), StoreError> {
+        super::sql::end_nested(tx, keep)
             .await
             .map_err(|e| self.err(e))
     }
@@ -481,5 +477,3 @@ impl DedupStore for PostgresStore {
         Ok(done.rows_affected())
     }
 }
-
-impl TransactionalStore for PostgresStore {}

@@ -82,7 +82,7 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::{Pipeline, RedisError, Script, ServerErrorKind, Value};
 
-use super::{Claim, ClaimRequest, Claimed, DedupStore, NoTx, StoreError};
+use super::{Claim, ClaimRequest, Claimed, LeaseStore, StoreError};
 
 mod cache;
 mod pending;
@@ -845,7 +845,7 @@ impl RedisStore {
             .take(items.iter().map(|&i| keys.get(i)), Instant::now())
     }
 
-    async fn claim_all(&self, requests: &[ClaimRequest<'_>]) -> Result<Vec<Claim>, StoreError> {
+    async fn claim_keys(&self, requests: &[ClaimRequest<'_>]) -> Result<Vec<Claim>, StoreError> {
         let n = requests.len();
         if n == 0 {
             return Ok(Vec::new());
@@ -1150,7 +1150,7 @@ impl RedisStore {
         }
     }
 
-    async fn complete_all(&self, done: &[Claimed<'_>]) -> Result<(), StoreError> {
+    async fn complete_keys(&self, done: &[Claimed<'_>]) -> Result<(), StoreError> {
         if done.is_empty() {
             return Ok(());
         }
@@ -1239,7 +1239,7 @@ impl RedisStore {
         }
     }
 
-    async fn release_all(&self, claimed: &[Claimed<'_>]) -> Result<(), StoreError> {
+    async fn release_keys(&self, claimed: &[Claimed<'_>]) -> Result<(), StoreError> {
         let held: Vec<usize> = (0..claimed.len())
             .filter(|&i| claimed[i].token != 0)
             .collect();
@@ -1311,49 +1311,39 @@ fn add_pending_op(pipe: &mut Pipeline, key: &str, op: &PendingOp) {
     }
 }
 
-impl DedupStore for RedisStore {
-    type Tx<'c> = NoTx;
-    // A lease store: manual_immediate acks when the handler calls ack.ack().
-    const COMMITS_WITH_HANDLER: bool = false;
-
+/// A lease store: `manual_immediate` acks when the handler calls
+/// `ack.ack()`. Every form is one round trip (a batch is one pipeline).
+impl LeaseStore for RedisStore {
     fn kind(&self) -> &'static str {
         STORE
     }
 
-    async fn begin(&self) -> Result<NoTx, StoreError> {
-        Ok(NoTx)
+    async fn claim(&self, request: &ClaimRequest<'_>) -> Result<Claim, StoreError> {
+        let mut claims = self.claim_keys(std::slice::from_ref(request)).await?;
+        claims.pop().ok_or_else(|| StoreError::Config {
+            store: STORE,
+            message: "a claim of one key returned no answer".into(),
+        })
     }
 
-    async fn claim(
-        &self,
-        _tx: &mut Self::Tx<'_>,
-        requests: &[ClaimRequest<'_>],
-    ) -> Result<Vec<Claim>, StoreError> {
-        self.claim_all(requests).await
+    async fn claim_all(&self, requests: &[ClaimRequest<'_>]) -> Result<Vec<Claim>, StoreError> {
+        self.claim_keys(requests).await
     }
 
-    async fn commit(&self, _tx: NoTx, done: &[Claimed<'_>]) -> Result<(), StoreError> {
-        self.complete_all(done).await
+    async fn complete(&self, done: &Claimed<'_>) -> Result<(), StoreError> {
+        self.complete_keys(std::slice::from_ref(done)).await
     }
 
-    async fn rollback(&self, _tx: NoTx, claimed: &[Claimed<'_>]) -> Result<(), StoreError> {
-        self.release_all(claimed).await
+    async fn complete_all(&self, done: &[Claimed<'_>]) -> Result<(), StoreError> {
+        self.complete_keys(done).await
     }
 
-    async fn unclaim(
-        &self,
-        _tx: &mut Self::Tx<'_>,
-        claimed: &[Claimed<'_>],
-    ) -> Result<(), StoreError> {
-        self.release_all(claimed).await
+    async fn release(&self, claimed: &Claimed<'_>) -> Result<(), StoreError> {
+        self.release_keys(std::slice::from_ref(claimed)).await
     }
 
-    async fn nested<'t>(&self, _tx: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, StoreError> {
-        Ok(NoTx)
-    }
-
-    async fn end_nested(&self, _tx: Self::Tx<'_>, _commit: bool) -> Result<(), StoreError> {
-        Ok(())
+    async fn release_all(&self, claimed: &[Claimed<'_>]) -> Result<(), StoreError> {
+        self.release_keys(claimed).await
     }
 }
 

@@ -13,7 +13,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{AssertSqlSafe, Row, Sqlite, SqlitePool};
 
 use super::sql::{Tx, map_err, validate_identifier};
-use super::{Claim, ClaimRequest, Claimed, DedupStore, StoreError, TransactionalStore};
+use super::{Claim, ClaimRequest, Claimed, StoreError, TxStore};
 use crate::fingerprint::Fingerprint;
 
 const STORE: &str = "sqlite";
@@ -187,7 +187,7 @@ impl SqliteStore {
     }
 }
 
-impl DedupStore for SqliteStore {
+impl TxStore for SqliteStore {
     type Tx<'c> = Tx<'c, Sqlite>;
 
     fn kind(&self) -> &'static str {
@@ -237,11 +237,7 @@ impl DedupStore for SqliteStore {
         tx.into_inner().commit().await.map_err(|e| self.err(e))
     }
 
-    async fn rollback(
-        &self,
-        tx: Tx<'static, Sqlite>,
-        _claimed: &[Claimed<'_>],
-    ) -> Result<(), StoreError> {
+    async fn rollback(&self, tx: Tx<'static, Sqlite>) -> Result<(), StoreError> {
         super::sql::rollback(tx).await.map_err(|e| self.err(e))
     }
 
@@ -261,12 +257,12 @@ impl DedupStore for SqliteStore {
         Ok(())
     }
 
-    async fn nested<'t>(&self, tx: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, StoreError> {
+    async fn savepoint<'t>(&self, tx: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, StoreError> {
         super::sql::nested(tx).await.map_err(|e| self.err(e))
     }
 
-    async fn end_nested(&self, tx: Self::Tx<'_>, commit: bool) -> Result<(), StoreError> {
-        super::sql::end_nested(tx, commit)
+    async fn end_savepoint(&self, tx: Self::Tx<'_>, keep: bool) -> Result<(), StoreError> {
+        super::sql::end_nested(tx, keep)
             .await
             .map_err(|e| self.err(e))
     }
@@ -281,8 +277,6 @@ impl DedupStore for SqliteStore {
         Ok(done.rows_affected())
     }
 }
-
-impl TransactionalStore for SqliteStore {}
 
 /// Milliseconds since the Unix epoch, for `created_at` / `expires_at`.
 pub(crate) fn now_millis() -> i64 {

@@ -1,7 +1,7 @@
 use serde::Deserialize;
 
 use idem::store::{Claim, ClaimRequest, Claimed};
-use idem::{DedupStore, NoTx, StoreError};
+use idem::{LeaseStore, StoreError};
 
 #[derive(Deserialize)]
 struct OrderPlaced {
@@ -20,39 +20,17 @@ impl std::fmt::Display for AppError {
 #[derive(Default)]
 struct MyStore;
 
-impl DedupStore for MyStore {
-    type Tx<'c> = NoTx;
-
+impl LeaseStore for MyStore {
     fn kind(&self) -> &'static str {
         "mine"
     }
-    async fn begin(&self) -> Result<NoTx, StoreError> {
-        Ok(NoTx)
+    async fn claim(&self, _request: &ClaimRequest<'_>) -> Result<Claim, StoreError> {
+        Ok(Claim::New { token: 1 })
     }
-    async fn claim(
-        &self,
-        _tx: &mut Self::Tx<'_>,
-        requests: &[ClaimRequest<'_>],
-    ) -> Result<Vec<Claim>, StoreError> {
-        Ok(requests.iter().map(|_| Claim::New { token: 0 }).collect())
-    }
-    async fn commit(&self, _tx: NoTx, _done: &[Claimed<'_>]) -> Result<(), StoreError> {
+    async fn complete(&self, _done: &Claimed<'_>) -> Result<(), StoreError> {
         Ok(())
     }
-    async fn rollback(&self, _tx: NoTx, _claimed: &[Claimed<'_>]) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn unclaim(
-        &self,
-        _tx: &mut Self::Tx<'_>,
-        _claimed: &[Claimed<'_>],
-    ) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn nested<'t>(&self, _tx: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, StoreError> {
-        Ok(NoTx)
-    }
-    async fn end_nested(&self, _tx: Self::Tx<'_>, _commit: bool) -> Result<(), StoreError> {
+    async fn release(&self, _claimed: &Claimed<'_>) -> Result<(), StoreError> {
         Ok(())
     }
 }

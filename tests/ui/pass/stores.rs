@@ -2,7 +2,7 @@
 use serde::Deserialize;
 
 use idem::store::{Claim, ClaimRequest, Claimed};
-use idem::{DedupStore, NoTx, StoreError};
+use idem::{LeaseStore, StoreError, TxStore};
 
 #[derive(Deserialize)]
 struct OrderPlaced {
@@ -43,63 +43,68 @@ async fn without_store_with_key(order: OrderPlaced) -> Result<(), AppError> {
     Ok(())
 }
 
-/// A do-nothing store, implemented for several types below.
-macro_rules! store {
-    ($name:ident) => {
-        #[derive(Default)]
-        struct $name;
+/// A do-nothing lease store.
+#[derive(Default)]
+struct MyStore;
 
-        impl DedupStore for $name {
-            type Tx<'c> = NoTx;
-
-            fn kind(&self) -> &'static str {
-                "mine"
-            }
-            async fn begin(&self) -> Result<NoTx, StoreError> {
-                Ok(NoTx)
-            }
-            async fn claim(
-                &self,
-                _tx: &mut Self::Tx<'_>,
-                requests: &[ClaimRequest<'_>],
-            ) -> Result<Vec<Claim>, StoreError> {
-                Ok(requests.iter().map(|_| Claim::New { token: 0 }).collect())
-            }
-            async fn commit(&self, _tx: NoTx, _done: &[Claimed<'_>]) -> Result<(), StoreError> {
-                Ok(())
-            }
-            async fn rollback(
-                &self,
-                _tx: NoTx,
-                _claimed: &[Claimed<'_>],
-            ) -> Result<(), StoreError> {
-                Ok(())
-            }
-            async fn unclaim(
-                &self,
-                _tx: &mut Self::Tx<'_>,
-                _claimed: &[Claimed<'_>],
-            ) -> Result<(), StoreError> {
-                Ok(())
-            }
-            async fn nested<'t>(
-                &self,
-                _tx: &'t mut Self::Tx<'_>,
-            ) -> Result<Self::Tx<'t>, StoreError> {
-                Ok(NoTx)
-            }
-            async fn end_nested(&self, _tx: Self::Tx<'_>, _commit: bool) -> Result<(), StoreError> {
-                Ok(())
-            }
-        }
-    };
+impl LeaseStore for MyStore {
+    fn kind(&self) -> &'static str {
+        "mine"
+    }
+    async fn claim(&self, _request: &ClaimRequest<'_>) -> Result<Claim, StoreError> {
+        Ok(Claim::New { token: 1 })
+    }
+    async fn complete(&self, _done: &Claimed<'_>) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn release(&self, _claimed: &Claimed<'_>) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
-store!(MyStore);
-store!(MyTxStore);
+/// A custom transactional store with a transaction type of its own.
+#[derive(Default)]
+struct MyTxStore;
 
-/// A custom store that hands the handler its transaction.
-impl idem::TransactionalStore for MyTxStore {}
+/// Its transaction.
+struct MyTx;
+
+impl TxStore for MyTxStore {
+    type Tx<'c> = MyTx;
+
+    fn kind(&self) -> &'static str {
+        "mine-tx"
+    }
+    async fn begin(&self) -> Result<MyTx, StoreError> {
+        Ok(MyTx)
+    }
+    async fn claim(
+        &self,
+        _tx: &mut Self::Tx<'_>,
+        requests: &[ClaimRequest<'_>],
+    ) -> Result<Vec<Claim>, StoreError> {
+        Ok(requests.iter().map(|_| Claim::New { token: 0 }).collect())
+    }
+    async fn commit(&self, _tx: MyTx, _done: &[Claimed<'_>]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn rollback(&self, _tx: MyTx) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn savepoint<'t>(&self, _tx: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, StoreError> {
+        Ok(MyTx)
+    }
+    async fn end_savepoint(&self, _tx: Self::Tx<'_>, _keep: bool) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn unclaim(
+        &self,
+        _tx: &mut Self::Tx<'_>,
+        _claimed: &[Claimed<'_>],
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
 
 #[idem::idempotent(topic = "orders", key = "order_id", store = MyStore)]
 async fn with_custom_store(order: OrderPlaced) -> Result<(), AppError> {
@@ -120,7 +125,7 @@ async fn with_custom_store_path(order: OrderPlaced) -> Result<(), AppError> {
 #[idem::idempotent(topic = "orders", key = "order_id", store = MyTxStore)]
 async fn with_custom_transactional_store(
     order: OrderPlaced,
-    tx: &mut NoTx,
+    tx: &mut MyTx,
 ) -> Result<(), AppError> {
     let _ = (order, tx);
     Ok(())

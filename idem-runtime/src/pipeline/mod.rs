@@ -1,0 +1,322 @@
+//! The pipeline: one unit of work — a delivery, or a fetched batch in
+//! `ack = "batch"` mode — through decode → key → claim → call → settle, for a
+//! concrete handler type. It answers with an [`Outcome`] per attempt and
+//! never talks to a broker, so every source gets the same semantics.
+//!
+//! - [`steps`]: decode and key one delivery, call the handler once.
+//! - [`guard`]: the claims of a unit, from `begin` to commit or release, in
+//!   one place.
+//! - [`policy`]: what a failure means (retry after how long, or give up).
+//! - [`layers`]: the built-in layers around every handler: tracing and counters.
+
+pub(crate) mod guard;
+pub(crate) mod layers;
+pub(crate) mod policy;
+pub(crate) mod steps;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tracing::Instrument;
+
+use self::guard::{ClaimGuard, Unsettled};
+use self::policy::RetryPolicy;
+use self::steps::{Called, Item, Stage};
+use crate::ack::AckMode;
+use crate::binding::Bound;
+use crate::handler::{HandlerFn, HandlerMeta};
+use crate::service::{Attempt, Outcome, Service};
+use crate::store::{Claim, ClaimRequest, Claimed, StoreError};
+
+impl<H: HandlerFn<M>, M: 'static> Service for Bound<H, M> {
+    fn meta(&self) -> &'static HandlerMeta {
+        self.meta
+    }
+
+    async fn call<'a, 'd: 'a>(&'a self, attempts: &'a mut [Attempt<'d>]) {
+        self.run(attempts).await;
+        let policy = RetryPolicy::of(self.meta);
+        for attempt in attempts.iter_mut() {
+            policy.apply(attempt);
+        }
+    }
+}
+
+impl<H: HandlerFn<M>, M: 'static> Bound<H, M> {
+    /// One unit of work: every attempt gets an outcome.
+    async fn run(&self, attempts: &mut [Attempt<'_>]) {
+        // Decode and key.
+        let mut items: Vec<Item<H::Payload>> = Vec::with_capacity(attempts.len());
+        for (at, attempt) in attempts.iter_mut().enumerate() {
+            match steps::prepare(&self.handler, self.meta, attempt.delivery()) {
+                Ok(item) => items.push(item.at(at)),
+                Err(outcome) => attempt.set_outcome(outcome),
+            }
+        }
+        // A key twice in one batch (a producer retry fetched together with
+        // its original): only the first copy is claimed and run. The others
+        // wait for it like for any claim in progress, and then find the key
+        // done, or free again if the first copy failed.
+        if items.len() > 1 {
+            let mut seen = HashSet::with_capacity(items.len());
+            for item in &mut items {
+                if !seen.insert(item.key.as_str().to_owned()) {
+                    item.stage = Stage::Settled;
+                    attempts[item.at].set_outcome(Outcome::Busy {
+                        retry_after: Duration::ZERO,
+                    });
+                }
+            }
+            items.retain(|i| !matches!(i.stage, Stage::Settled));
+        }
+        if items.is_empty() {
+            return;
+        }
+        if let Err(e) = self.claim_and_call(attempts, &mut items).await {
+            for item in &items {
+                if !matches!(item.stage, Stage::Settled) {
+                    attempts[item.at].set_outcome(Outcome::StoreDown {
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Claims the items' keys, runs the new ones, and settles the claims.
+    /// `Err`: the store failed; items still unsettled are `StoreDown`.
+    async fn claim_and_call(
+        &self,
+        attempts: &mut [Attempt<'_>],
+        items: &mut [Item<H::Payload>],
+    ) -> Result<(), StoreError> {
+        let mut guard = ClaimGuard::begin(&*self.store).await?;
+        let claims = {
+            let requests = self.requests(attempts, items);
+            guard.claim(&requests).await
+        };
+        let claims = match claims {
+            Ok(claims) => claims,
+            Err(e) => {
+                guard.abort().await;
+                return Err(e);
+            }
+        };
+        for (item, claim) in items.iter_mut().zip(claims) {
+            match claim {
+                Claim::New { token } => item.stage = Stage::Claimed { token },
+                other => {
+                    attempts[item.at].set_outcome(self.not_new(other, item));
+                    item.stage = Stage::Settled;
+                }
+            }
+        }
+        // A unit of one runs in the transaction itself; a batch runs each
+        // item in a savepoint, so that a failing item is undone alone.
+        let isolate = self.meta.ack == AckMode::Batch;
+        for i in 0..items.len() {
+            let Stage::Claimed { token } = items[i].stage else {
+                continue;
+            };
+            let at = items[i].at;
+            let payload = items[i]
+                .payload
+                .take()
+                .expect("a claimed item has its payload");
+            let called = if isolate {
+                self.call_isolated(&mut guard, payload, &mut attempts[at], &items[i].key)
+                    .await
+            } else {
+                let tx = guard.tx();
+                Ok(steps::call(&self.handler, self.meta, payload, tx, &mut attempts[at]).await)
+            };
+            match called {
+                Ok(called) => items[i].stage = Stage::Called { token, called },
+                Err((called, e)) => {
+                    if let Some(called) = called {
+                        items[i].stage = Stage::Called { token, called };
+                    }
+                    return Err(self.abort(guard, attempts, items, e).await);
+                }
+            }
+        }
+        let settled = {
+            let requests = self.requests(attempts, items);
+            let (done, failed) = claimed(&requests, items);
+            if done.is_empty() {
+                // Nothing to keep: undo the whole unit (the handler's partial
+                // writes with it) in one step.
+                guard.release(&failed).await;
+                Ok(())
+            } else {
+                debug_assert!(
+                    isolate || failed.is_empty(),
+                    "a unit without savepoints cannot keep part of its writes"
+                );
+                guard.settle(&done, &failed).await
+            }
+        };
+        // On failure a succeeded item's effect is not known to be durable,
+        // unless a lease store kept its done-record: it goes back as
+        // `StoreDown`. A failed item failed either way.
+        let (kept, error) = match settled {
+            Ok(()) => (true, None),
+            Err(Unsettled { error, kept }) => (kept, Some(error)),
+        };
+        for item in items.iter_mut() {
+            if let Stage::Called { called, .. } = &item.stage
+                && (kept || !called.is_ok())
+            {
+                attempts[item.at].set_outcome(called.outcome());
+                item.stage = Stage::Settled;
+            }
+        }
+        error.map_or(Ok(()), Err)
+    }
+
+    /// Runs one batch item in its own savepoint. `Err` carries how the
+    /// handler ended, if it ran, and the store's error.
+    async fn call_isolated(
+        &self,
+        guard: &mut ClaimGuard<'_, H::Store, M>,
+        payload: H::Payload,
+        attempt: &mut Attempt<'_>,
+        key: &crate::key::Key,
+    ) -> Result<Called, (Option<Called>, StoreError)> {
+        let span =
+            tracing::info_span!("idem.item", message_id = %attempt.delivery().id, key = %key);
+        let mut savepoint = guard.savepoint().await.map_err(|e| (None, e))?;
+        let called = steps::call(
+            &self.handler,
+            self.meta,
+            payload,
+            &mut savepoint.tx,
+            attempt,
+        )
+        .instrument(span)
+        .await;
+        match savepoint.end(called.is_ok()).await {
+            Ok(()) => Ok(called),
+            Err(e) => Err((Some(called), e)),
+        }
+    }
+
+    /// A store failure part-way through a unit. A transactional store rolls
+    /// everything back: nothing of the unit is durable. With a lease store
+    /// the items whose handler succeeded have already applied their effects,
+    /// so their done-records are written (best effort) and only the other
+    /// leases are released: releasing theirs would run them again.
+    async fn abort(
+        &self,
+        guard: ClaimGuard<'_, H::Store, M>,
+        attempts: &mut [Attempt<'_>],
+        items: &mut [Item<H::Payload>],
+        error: StoreError,
+    ) -> StoreError {
+        let recorded = {
+            let requests = self.requests(attempts, items);
+            let (done, _) = claimed(&requests, items);
+            let taken: Vec<Claimed<'_>> = requests
+                .iter()
+                .zip(items.iter())
+                .filter_map(|(request, item)| item.claimed(request))
+                .collect();
+            guard.abort_keeping(&taken, &done).await
+        };
+        for item in items.iter_mut() {
+            if let Stage::Called { called, .. } = &item.stage
+                && (recorded || !called.is_ok())
+            {
+                attempts[item.at].set_outcome(called.outcome());
+                item.stage = Stage::Settled;
+            }
+        }
+        error
+    }
+
+    /// The claim requests of the items, in order.
+    fn requests<'r>(
+        &self,
+        attempts: &'r [Attempt<'_>],
+        items: &'r [Item<H::Payload>],
+    ) -> Vec<ClaimRequest<'r>> {
+        items
+            .iter()
+            .map(|item| ClaimRequest {
+                handler: self.meta.name,
+                key: &item.key,
+                fingerprint: item.fingerprint,
+                message_id: &attempts[item.at].delivery().id,
+                lease: self.meta.lease,
+                ttl: self.meta.ttl,
+            })
+            .collect()
+    }
+
+    fn not_new(&self, claim: Claim, item: &Item<H::Payload>) -> Outcome {
+        match claim {
+            Claim::New { .. } => unreachable!("handled by the caller"),
+            Claim::Done { cached } => Outcome::Duplicate { cached },
+            Claim::InProgress { retry_after } => Outcome::Busy { retry_after },
+            Claim::Conflict { stored } => Outcome::Rejected {
+                reason: steps::conflict_reason(self.meta, &item.key, stored, item.fingerprint),
+            },
+        }
+    }
+}
+
+/// The claims of the called items: those whose handler succeeded (with
+/// their results), and the others.
+fn claimed<'r, P>(
+    requests: &'r [ClaimRequest<'r>],
+    items: &'r [Item<P>],
+) -> (Vec<Claimed<'r>>, Vec<Claimed<'r>>) {
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    for (request, item) in requests.iter().zip(items) {
+        if let Stage::Called { token, called } = &item.stage {
+            match called {
+                Called::Succeeded(result) => done.push(Claimed {
+                    request,
+                    token: *token,
+                    result: result.as_deref(),
+                }),
+                _ => failed.push(Claimed {
+                    request,
+                    token: *token,
+                    result: None,
+                }),
+            }
+        }
+    }
+    (done, failed)
+}
+
+/// Checks a store's answer count against the contract.
+pub(crate) fn check_claim_count(
+    store: &'static str,
+    got: usize,
+    want: usize,
+) -> Result<(), StoreError> {
+    if got == want {
+        return Ok(());
+    }
+    Err(StoreError::Config {
+        store,
+        message: format!(
+            "claim returned {got} results for {want} keys: the store violates the LeaseStore/TxStore contract (one Claim per request, in order)"
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_count_mismatch_names_the_contract() {
+        let e = check_claim_count("custom", 1, 2).unwrap_err().to_string();
+        assert!(e.contains("one Claim per request"), "{e}");
+        assert!(check_claim_count("custom", 2, 2).is_ok());
+    }
+}
