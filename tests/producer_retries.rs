@@ -214,12 +214,12 @@ macro_rules! store_suite {
             }
 
             #[idempotent(
-                                topic = "orders-by-amount",
-                                key = "order_id",
-                                store = $store,
-                                name = $by_amount,
-                                fingerprint = ["amount"]
-                            )]
+                                                topic = "orders-by-amount",
+                                                key = "order_id",
+                                                store = $store,
+                                                name = $by_amount,
+                                                fingerprint = ["amount"]
+                                            )]
             async fn by_amount(o: OrderPlaced) -> Result<(), String> {
                 apply($by_amount, &o);
                 Ok(())

@@ -26,7 +26,7 @@ use crate::ack::AckMode;
 use crate::binding::Bound;
 use crate::handler::{HandlerFn, HandlerMeta};
 use crate::service::{Attempt, Outcome, Service};
-use crate::store::{Claim, ClaimRequest, Claimed, StoreError};
+use crate::store::{Claim, ClaimRequest, Claimed, DedupStore, StoreError};
 
 impl<H: HandlerFn<M>, M: 'static> Service for Bound<H, M> {
     fn meta(&self) -> &'static HandlerMeta {
@@ -73,26 +73,81 @@ impl<H: HandlerFn<M>, M: 'static> Bound<H, M> {
             return;
         }
         if let Err(e) = self.claim_and_call(attempts, &mut items).await {
-            for item in &items {
-                if !matches!(item.stage, Stage::Settled) {
-                    attempts[item.at].set_outcome(Outcome::StoreDown {
-                        error: e.to_string(),
-                    });
-                }
-            }
+            self.store_down(attempts, &items, &e);
         }
     }
 
-    /// Claims the items' keys, runs the new ones, and settles the claims.
-    /// `Err`: the store failed; items still unsettled are `StoreDown`.
+    /// Runs the unit's items. A batch on a transactional store first runs
+    /// optimistically: every item in the one transaction, no savepoints (a
+    /// savepoint costs a round trip per item). When an item fails, that
+    /// transaction is rolled back, the failed item keeps its outcome, and
+    /// the others are run again, each in a savepoint, so that only what
+    /// succeeds commits. Their handlers then run twice; their effects commit
+    /// once.
     async fn claim_and_call(
         &self,
         attempts: &mut [Attempt<'_>],
         items: &mut [Item<H::Payload>],
     ) -> Result<(), StoreError> {
+        let batch = self.meta.ack == AckMode::Batch;
+        let mode = match (batch, <H::Store as DedupStore<M>>::TRANSACTIONAL) {
+            (true, true) => Pass::Optimistic,
+            // A lease store has nothing to roll back: its items are isolated
+            // as they are.
+            (true, false) => Pass::Isolated,
+            (false, _) => Pass::Whole,
+        };
+        match self.pass(attempts, items, mode).await? {
+            Ran::Settled => Ok(()),
+            Ran::Redo => {
+                // Their payloads went into the first run: decode them again.
+                for item in items.iter_mut() {
+                    if matches!(item.stage, Stage::Ready) && item.payload.is_none() {
+                        let again =
+                            steps::prepare(&self.handler, self.meta, attempts[item.at].delivery());
+                        match again {
+                            Ok(fresh) => item.payload = fresh.payload,
+                            Err(outcome) => {
+                                attempts[item.at].set_outcome(outcome);
+                                item.stage = Stage::Settled;
+                            }
+                        }
+                    }
+                }
+                match self.pass(attempts, items, Pass::Isolated).await? {
+                    Ran::Settled => Ok(()),
+                    Ran::Redo => unreachable!("an isolated pass settles every item"),
+                }
+            }
+        }
+    }
+
+    /// Sets `StoreDown` on every item without an outcome.
+    fn store_down(&self, attempts: &mut [Attempt<'_>], items: &[Item<H::Payload>], e: &StoreError) {
+        for item in items {
+            if !matches!(item.stage, Stage::Settled) {
+                attempts[item.at].set_outcome(Outcome::StoreDown {
+                    error: e.to_string(),
+                });
+            }
+        }
+    }
+
+    /// One transaction over the unit's `Ready` items: claims their keys,
+    /// runs the new ones, and settles the claims. `Err`: the store failed;
+    /// items still unsettled are `StoreDown`.
+    async fn pass(
+        &self,
+        attempts: &mut [Attempt<'_>],
+        items: &mut [Item<H::Payload>],
+        mode: Pass,
+    ) -> Result<Ran, StoreError> {
+        if !items.iter().any(|i| matches!(i.stage, Stage::Ready)) {
+            return Ok(Ran::Settled);
+        }
         let mut guard = ClaimGuard::begin(&*self.store).await?;
         let claims = {
-            let requests = self.requests(attempts, items);
+            let requests = self.requests(attempts, items, Stage::is_ready);
             guard.claim(&requests).await
         };
         let claims = match claims {
@@ -102,7 +157,8 @@ impl<H: HandlerFn<M>, M: 'static> Bound<H, M> {
                 return Err(e);
             }
         };
-        for (item, claim) in items.iter_mut().zip(claims) {
+        let ready = items.iter_mut().filter(|i| matches!(i.stage, Stage::Ready));
+        for (item, claim) in ready.zip(claims) {
             match claim {
                 Claim::New { token } => item.stage = Stage::Claimed { token },
                 other => {
@@ -111,9 +167,7 @@ impl<H: HandlerFn<M>, M: 'static> Bound<H, M> {
                 }
             }
         }
-        // A unit of one runs in the transaction itself; a batch runs each
-        // item in a savepoint, so that a failing item is undone alone.
-        let isolate = self.meta.ack == AckMode::Batch;
+        let isolate = mode == Pass::Isolated;
         for i in 0..items.len() {
             let Stage::Claimed { token } = items[i].stage else {
                 continue;
@@ -131,6 +185,25 @@ impl<H: HandlerFn<M>, M: 'static> Bound<H, M> {
                 Ok(steps::call(&self.handler, self.meta, payload, tx, &mut attempts[at]).await)
             };
             match called {
+                Ok(called) if mode == Pass::Optimistic && !called.is_ok() => {
+                    // Undo the whole transaction; this item keeps its
+                    // outcome, the others go again, isolated.
+                    let requests = self.requests(attempts, items, Stage::holds_claim);
+                    let taken: Vec<Claimed<'_>> = requests
+                        .iter()
+                        .zip(items.iter().filter(|i| i.stage.holds_claim()))
+                        .filter_map(|(request, item)| item.claimed(request))
+                        .collect();
+                    guard.release(&taken).await;
+                    attempts[at].set_outcome(called.outcome());
+                    items[i].stage = Stage::Settled;
+                    for item in items.iter_mut() {
+                        if item.stage.holds_claim() {
+                            item.stage = Stage::Ready;
+                        }
+                    }
+                    return Ok(Ran::Redo);
+                }
                 Ok(called) => items[i].stage = Stage::Called { token, called },
                 Err((called, e)) => {
                     if let Some(called) = called {
@@ -141,7 +214,7 @@ impl<H: HandlerFn<M>, M: 'static> Bound<H, M> {
             }
         }
         let settled = {
-            let requests = self.requests(attempts, items);
+            let requests = self.requests(attempts, items, Stage::holds_claim);
             let (done, failed) = claimed(&requests, items);
             if done.is_empty() {
                 // Nothing to keep: undo the whole unit (the handler's partial
@@ -171,7 +244,7 @@ impl<H: HandlerFn<M>, M: 'static> Bound<H, M> {
                 item.stage = Stage::Settled;
             }
         }
-        error.map_or(Ok(()), Err)
+        error.map_or(Ok(Ran::Settled), Err)
     }
 
     /// Runs one batch item in its own savepoint. `Err` carries how the
@@ -214,11 +287,11 @@ impl<H: HandlerFn<M>, M: 'static> Bound<H, M> {
         error: StoreError,
     ) -> StoreError {
         let recorded = {
-            let requests = self.requests(attempts, items);
+            let requests = self.requests(attempts, items, Stage::holds_claim);
             let (done, _) = claimed(&requests, items);
             let taken: Vec<Claimed<'_>> = requests
                 .iter()
-                .zip(items.iter())
+                .zip(items.iter().filter(|i| i.stage.holds_claim()))
                 .filter_map(|(request, item)| item.claimed(request))
                 .collect();
             guard.abort_keeping(&taken, &done).await
@@ -234,14 +307,16 @@ impl<H: HandlerFn<M>, M: 'static> Bound<H, M> {
         error
     }
 
-    /// The claim requests of the items, in order.
+    /// The claim requests of the items in `stage`, in order.
     fn requests<'r>(
         &self,
         attempts: &'r [Attempt<'_>],
         items: &'r [Item<H::Payload>],
+        stage: fn(&Stage) -> bool,
     ) -> Vec<ClaimRequest<'r>> {
         items
             .iter()
+            .filter(|item| stage(&item.stage))
             .map(|item| ClaimRequest {
                 handler: self.meta.name,
                 key: &item.key,
@@ -266,14 +341,16 @@ impl<H: HandlerFn<M>, M: 'static> Bound<H, M> {
 }
 
 /// The claims of the called items: those whose handler succeeded (with
-/// their results), and the others.
+/// their results), and the others. `requests` are those of the items that
+/// hold a claim, in order.
 fn claimed<'r, P>(
     requests: &'r [ClaimRequest<'r>],
     items: &'r [Item<P>],
 ) -> (Vec<Claimed<'r>>, Vec<Claimed<'r>>) {
     let mut done = Vec::new();
     let mut failed = Vec::new();
-    for (request, item) in requests.iter().zip(items) {
+    let holding = items.iter().filter(|i| i.stage.holds_claim());
+    for (request, item) in requests.iter().zip(holding) {
         if let Stage::Called { token, called } = &item.stage {
             match called {
                 Called::Succeeded(result) => done.push(Claimed {
@@ -290,6 +367,27 @@ fn claimed<'r, P>(
         }
     }
     (done, failed)
+}
+
+/// How a pass runs its items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// One delivery: the transaction is the item's.
+    Whole,
+    /// A batch in one transaction without savepoints; the first failure
+    /// ends the pass ([`Ran::Redo`]).
+    Optimistic,
+    /// A batch with each item in its own savepoint.
+    Isolated,
+}
+
+/// How a pass ended.
+enum Ran {
+    /// Every item it ran has its outcome.
+    Settled,
+    /// An optimistic pass failed at one item and was rolled back: run the
+    /// rest again, isolated.
+    Redo,
 }
 
 /// Checks a store's answer count against the contract.

@@ -65,6 +65,17 @@ pub(crate) enum Stage {
     Settled,
 }
 
+impl Stage {
+    pub(crate) fn is_ready(&self) -> bool {
+        matches!(self, Stage::Ready)
+    }
+
+    /// Whether the item holds a claim of the open unit.
+    pub(crate) fn holds_claim(&self) -> bool {
+        matches!(self, Stage::Claimed { .. } | Stage::Called { .. })
+    }
+}
+
 /// How a handler call ended.
 pub(crate) enum Called {
     /// It returned `Ok` (and acked, in manual modes): the result to cache.
