@@ -1,18 +1,23 @@
-//! The generated code: the user's fn unchanged, a unit type implementing
-//! `HandlerFn` (key extraction, fingerprint, the call), its constant
-//! `HandlerMeta`, and an `inventory::submit!` of its descriptor. All the
-//! behaviour lives in the runtime; this is an adapter.
+//! The generated code: the user's fn (its `tx` parameter's type completed),
+//! a unit type implementing `HandlerFn` (key extraction, fingerprint, the
+//! call), its constant `HandlerMeta`, and an `inventory::submit!` of its
+//! descriptor. All the behaviour lives in the runtime; this is an adapter.
+//! Nothing here knows a default or which store has a transaction: the
+//! metadata names only what the attribute set (`..HandlerMeta::DEFAULTS`
+//! does the rest), and the `tx` type is the store's own.
 
 use proc_macro2::{Delimiter, Group, Span, TokenStream, TokenTree};
 use quote::{ToTokens, format_ident, quote, quote_spanned};
 use syn::ItemFn;
 
-use crate::args::{AckMode, Args, Errors, KeySpec, Store};
+use crate::fallback;
+use crate::parse::{AckMode, Args, BuiltinCodec, Codec, FieldPath, FieldSegment, KeySpec, Store};
 use crate::signature::{Param, Signature};
+use crate::validate::{Errors, store_text, validate};
 
 pub(crate) fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
-    let f: ItemFn = match syn::parse2(item.clone()) {
+    let mut f: ItemFn = match syn::parse2(item.clone()) {
         Ok(f) => f,
         Err(_) => {
             errors.at(Span::call_site(), "#[idempotent] goes on an `async fn`");
@@ -22,44 +27,61 @@ pub(crate) fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
     };
     let args = Args::parse(attr.clone(), &mut errors);
     let sig = Signature::read(&f, &mut errors);
-    check(&args, &sig, &attr, &mut errors);
+    validate(&args, &sig, &attr, &mut errors);
+    let krate = krate(&args);
+    let store = args.store.as_ref().map(|s| store_type(&s.value, s.span, &krate));
+    let tx_as_written = match &store {
+        Some(store) => complete_tx_type(&mut f, store, &krate),
+        None => None,
+    };
     if !errors.is_empty() {
-        // The user's fn is still emitted, so its callers and tests do not
-        // pile "cannot find function" errors on top of the real one.
-        let e = errors.into_compile_errors();
-        return quote! { #f #e };
+        return fallback::expand(&f, &args, &sig, &krate, tx_as_written.as_ref(), errors);
     }
-    let mut f = f;
-    if let Some((store, _)) = &args.store {
-        complete_tx_type(&mut f, store, &private_path(&args));
-    }
-    let generated = generate(&args, &sig, &f);
+    let generated = generate(&args, &sig, &f, &krate, tx_as_written.as_ref());
     quote! { #f #generated }
 }
 
 /// `::idem` or the `crate = …` path.
-fn krate(args: &Args) -> TokenStream {
+pub(crate) fn krate(args: &Args) -> TokenStream {
     args.krate
         .as_ref()
         .map(|p| quote! { #p })
         .unwrap_or_else(|| quote! { ::idem })
 }
 
-fn private_path(args: &Args) -> TokenStream {
-    let krate = krate(args);
-    quote! { #krate::__private }
+/// The store's type. A built-in store's type carries the span of its name,
+/// so that "not a dedup store" (a cargo feature that is off) points there.
+pub(crate) fn store_type(store: &Store, span: Span, krate: &TokenStream) -> TokenStream {
+    match store {
+        Store::Builtin(b) => {
+            let ident = format_ident!("{}", b.ident(), span = span);
+            respan(quote! { #krate::__private::stores::#ident }, span)
+        }
+        Store::Custom(p) => quote! { #p },
+    }
 }
 
-/// `tx: &mut idem::Tx<'_>` names no database; with a built-in SQL store the
-/// macro completes it (`Tx<'_, Postgres>` for `store = "postgres"`), so the
-/// handler reads the same whichever SQL store it uses. A `Tx` that already
-/// names its database is left alone (a mismatch is then a type error).
-fn complete_tx_type(f: &mut ItemFn, store: &Store, private: &TokenStream) {
-    let db = match store {
-        Store::Sqlite => quote! { Sqlite },
-        Store::Postgres => quote! { Postgres },
-        _ => return,
-    };
+/// The codec's type: `idem::codec::Json` unless `codec = …` says otherwise.
+pub(crate) fn codec_type(args: &Args, krate: &TokenStream) -> TokenStream {
+    match args.codec.as_ref() {
+        None => quote! { #krate::codec::Json },
+        Some(c) => match &c.value {
+            Codec::Builtin(b) => {
+                let ident = format_ident!("{}", b.ident(), span = c.span);
+                respan(quote! { #krate::codec::#ident }, c.span)
+            }
+            Codec::Custom(p) => quote! { #p },
+        },
+    }
+}
+
+/// `tx: &mut idem::Tx<'x>` names no store: it is rewritten to the store's
+/// own transaction type, `&mut <S as TxStore>::Tx<'x>`, for every store
+/// (built-in or not). A store without a transaction fails right there, with
+/// the runtime's advice. Any other `&mut T` is left as written (a mismatch
+/// is then a type error). Returns the path as written, which the generated
+/// code still mentions so that an import of it stays used.
+fn complete_tx_type(f: &mut ItemFn, store: &TokenStream, krate: &TokenStream) -> Option<syn::Path> {
     for input in &mut f.sig.inputs {
         let syn::FnArg::Typed(pat) = input else {
             continue;
@@ -70,116 +92,70 @@ fn complete_tx_type(f: &mut ItemFn, store: &Store, private: &TokenStream) {
         if r.mutability.is_none() {
             continue;
         }
-        let syn::Type::Path(path) = &mut *r.elem else {
+        let elem = ungroup_type(&mut r.elem);
+        let syn::Type::Path(path) = elem else {
             continue;
         };
-        let Some(last) = path.path.segments.last_mut() else {
+        if path.qself.is_some() {
+            continue;
+        }
+        let Some(last) = path.path.segments.last() else {
             continue;
         };
         if last.ident != "Tx" {
             continue;
         }
-        if let syn::PathArguments::AngleBracketed(args) = &mut last.arguments
-            && args.args.len() == 1
-            && matches!(args.args[0], syn::GenericArgument::Lifetime(_))
-        {
-            let span = last.ident.span();
-            let ty = respan(quote! { #private::db::#db }, span);
-            args.args.push(syn::parse_quote!(#ty));
+        let syn::PathArguments::AngleBracketed(generics) = &last.arguments else {
+            continue;
+        };
+        let [syn::GenericArgument::Lifetime(lt)] = generics.args.iter().collect::<Vec<_>>()[..]
+        else {
+            continue;
+        };
+        let lt = lt.clone();
+        let (first, last_span) = first_last(&*path);
+        let mut written = path.path.clone();
+        if let Some(seg) = written.segments.last_mut() {
+            seg.arguments = syn::PathArguments::None;
         }
+        let store = respan(store.clone(), first);
+        let lt_open = quote_spanned! {first=> < };
+        let tx = respan(tx_store_projection(krate), last_span);
+        let ty: syn::Type = syn::parse_quote!(#lt_open #store as #tx>::Tx<#lt>);
+        *elem = ty;
+        return Some(written);
+    }
+    None
+}
+
+/// `tx: &mut Tx<'_>` after `use idem::Tx;`: the rewritten type no longer
+/// names `Tx`, so the import is mentioned here to keep it used. A path of
+/// several segments (`idem::Tx`) needs no import and is not mentioned: it
+/// need not even exist.
+pub(crate) fn keep_import_used(written: &syn::Path) -> TokenStream {
+    if written.leading_colon.is_none() && written.segments.len() == 1 {
+        quote! { #[allow(unused_imports)] use #written as _; }
+    } else {
+        TokenStream::new()
     }
 }
 
-/// Checks that need both the arguments and the signature. `attr` is the
-/// argument list, underlined by errors about an argument that is missing.
-fn check(args: &Args, sig: &Signature, attr: &TokenStream, errors: &mut Errors) {
-    let mut missing = |msg: &str| {
-        if attr.is_empty() {
-            errors.at(Span::call_site(), msg);
-        } else {
-            errors.spanned(attr, msg);
-        }
-    };
-    if args.topic.is_none() {
-        missing(
-            "missing `topic = \"…\"`: the topic, stream, queue or subject this handler consumes",
-        );
-    }
-    if let (Some(_), Some(with)) = (&args.key, &args.with) {
-        errors.spanned(with, "give either `key = …` or `with = …`, not both");
-    }
-    if let Some((store, span)) = &args.store
-        && args.key.is_none()
-        && args.with.is_none()
-    {
-        errors.at(
-            *span,
-            format!(
-                "store `{}` deduplicates by key, but there is no `key = …`: what identifies a message? \
-                 e.g. key = \"order_id\", key = (\"tenant\", \"id\"), key = header(\"Idempotency-Key\"), \
-                 key = message_id, or with = my_extractor",
-                store.name()
-            ),
-        );
-    }
-    let ack = args.ack.as_ref().map(|(a, _)| *a).unwrap_or(AckMode::Auto);
-    match (ack.is_manual(), &sig.ack) {
-        (true, None) => {
-            let span = args.ack.as_ref().map(|(_, s)| *s).unwrap_or_else(Span::call_site);
-            errors.at(
-                span,
-                format!(
-                    "ack = \"{}\" needs an `ack: idem::Ack` parameter: the handler calls `ack.ack()` when the message is done",
-                    ack.as_str()
-                ),
-            );
-        }
-        (false, Some(loc)) => errors.spanned(
-            &loc.tokens,
-            format!(
-                "an `Ack` parameter needs `ack = \"manual\"` or `ack = \"manual_immediate\"`; with {}ack = \"{}\" idem acks by itself",
-                if args.ack.is_none() { "the default " } else { "" },
-                ack.as_str()
-            ),
-        ),
-        _ => {}
-    }
-    if let Some(tx) = &sig.tx {
-        match args.store.as_ref().map(|(s, _)| s) {
-            None => errors.spanned(
-                &tx.tokens,
-                "this handler takes a transaction but has no `store`: add store = \"sqlite\" (or \"postgres\"), whose dedup record commits in the handler's transaction",
-            ),
-            Some(s) if s.transactional() == Some(false) => errors.spanned(
-                &tx.tokens,
-                format!(
-                    "store `{}` has no transaction to give the handler: remove the `tx` parameter, or use store = \"sqlite\" / \"postgres\"",
-                    s.name()
-                ),
-            ),
-            _ => {}
-        }
-    }
-    if let Some((_, span)) = args.on_missing_key
-        && !args.key.as_ref().is_some_and(|(k, _)| k.has_field())
-    {
-        let key = match (&args.key, &args.with) {
-            (Some((k, _)), _) => format!("key = {}", k.describe()),
-            (None, Some(_)) => "a `with` extractor".into(),
-            (None, None) => "key = message_id (the default)".into(),
-        };
-        errors.at(
-            span,
-            format!(
-                "`on_missing_key` applies to payload-field keys only (`key = \"field\"`), not to {key}; remove it"
-            ),
-        );
+/// The trait whose `Tx` a `tx` parameter receives.
+fn tx_store_projection(krate: &TokenStream) -> TokenStream {
+    quote! { #krate::DedupStore }
+}
+
+fn ungroup_type(ty: &mut syn::Type) -> &mut syn::Type {
+    match ty {
+        syn::Type::Group(g) => ungroup_type(&mut g.elem),
+        syn::Type::Paren(p) => ungroup_type(&mut p.elem),
+        other => other,
     }
 }
 
 /// `tokens` with every span set to `span`, so that an error in code built
 /// from them points at the user's token instead of the whole attribute.
-fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+pub(crate) fn respan(tokens: TokenStream, span: Span) -> TokenStream {
     tokens
         .into_iter()
         .map(|mut t| {
@@ -195,25 +171,27 @@ fn respan(tokens: TokenStream, span: Span) -> TokenStream {
 }
 
 /// The spans of the first and the last token of `tokens`.
-fn first_last(tokens: impl ToTokens) -> (Span, Span) {
+pub(crate) fn first_last(tokens: impl ToTokens) -> (Span, Span) {
     let mut it = tokens.into_token_stream().into_iter();
     let first = it.next().map(|t| t.span()).unwrap_or_else(Span::call_site);
     let last = it.last().map(|t| t.span()).unwrap_or(first);
     (first, last)
 }
 
-/// `(__p.a.b)`: the payload field named by a string literal. The field names
-/// keep the literal's location (so "no field `x` on type …" points at it)
-/// but take the macro's hygiene context: otherwise rustc offers a fix-it
-/// that replaces the whole literal with a bare name (`key = order_id`). The
-/// parentheses carry the literal's span alone, so that errors about the
-/// field's value (not a key part, not serializable) point at the literal.
-fn field_access(path: &[syn::Member], span: Span) -> TokenStream {
-    let at = Span::call_site().located_at(span);
-    let members = path.iter().map(|m| match m {
-        syn::Member::Named(id) => syn::Member::Named(syn::Ident::new(&id.to_string(), at)),
-        syn::Member::Unnamed(i) => syn::Member::Unnamed(syn::Index {
-            index: i.index,
+/// `(__p.a.b)`: the payload field named by a string literal.
+///
+/// The field names are located at the literal and keep its (the user's)
+/// hygiene context: rustc then lists the payload type's fields ("available
+/// fields are: …") under "no field `x` on type `T`". The parentheses carry
+/// the literal's span alone, so that errors about the field's value (not a
+/// key part, not hashable) point at the literal.
+pub(crate) fn field_access(field: &FieldPath) -> TokenStream {
+    let span = field.lit.span();
+    let at = field_span(span);
+    let members = field.members.iter().map(|m| match m {
+        FieldSegment::Named(name) => syn::Member::Named(syn::Ident::new(name, at)),
+        FieldSegment::Index(index) => syn::Member::Unnamed(syn::Index {
+            index: *index,
             span: at,
         }),
     });
@@ -225,15 +203,14 @@ fn field_access(path: &[syn::Member], span: Span) -> TokenStream {
     TokenTree::Group(group).into()
 }
 
+/// Where a field name of a key or fingerprint is, for rustc.
+fn field_span(lit: Span) -> Span {
+    Span::call_site().located_at(lit)
+}
+
 /// A field path as written: `customer.id`.
-fn members_text(path: &[syn::Member]) -> String {
-    path.iter()
-        .map(|m| match m {
-            syn::Member::Named(id) => id.to_string(),
-            syn::Member::Unnamed(i) => i.index.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(".")
+fn members_text(field: &FieldPath) -> String {
+    field.text()
 }
 
 fn extractor(
@@ -243,15 +220,17 @@ fn extractor(
     optional: bool,
 ) -> TokenStream {
     match spec {
-        KeySpec::Field { path, text, span } => {
-            let access = field_access(path, *span);
+        KeySpec::Field(field) => {
+            let span = field.lit.span();
+            let access = field_access(field);
+            let text = field.text();
             // Every token of the call at the key's literal: a field that is
             // not a key part is then reported there and nowhere else.
-            let private = &respan(private.clone(), *span);
+            let private = &respan(private.clone(), span);
             let write = if optional {
-                quote_spanned! {*span=> #private::OptionalKeyPart::write_optional_key(&#access, __out) }
+                quote_spanned! {span=> #private::OptionalKeyPart::write_optional_key(&#access, __out) }
             } else {
-                quote_spanned! {*span=> { #private::KeyPart::write_key(&#access, __out); ::core::result::Result::Ok(()) } }
+                quote_spanned! {span=> { #private::KeyPart::write_key(&#access, __out); ::core::result::Result::Ok(()) } }
             };
             quote! {
                 #private::Field {
@@ -271,83 +250,134 @@ fn extractor(
     }
 }
 
-fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
-    let krate = krate(args);
+/// How the generated code reaches a `with = …` extractor: `&path` for a
+/// path (a fn, a unit struct, a `static` or `const`: nothing to evaluate),
+/// else a `static` that evaluates the expression once, on first use, and
+/// keeps it boxed (its type cannot be named here).
+pub(crate) struct With {
+    /// Items to emit next to the handler type.
+    pub(crate) items: TokenStream,
+    /// An expression of type `&impl KeyExtractor<P>`.
+    pub(crate) reference: TokenStream,
+}
+
+pub(crate) fn with_extractor(
+    with: &syn::Expr,
+    payload: &syn::Type,
+    krate: &TokenStream,
+) -> With {
+    let private = quote! { #krate::__private };
+    let (first, last) = first_last(with);
+    let mut inner = with;
+    while let syn::Expr::Group(g) = inner {
+        inner = &g.expr;
+    }
+    if let syn::Expr::Path(p) = inner
+        && p.qself.is_none()
+    {
+        return With {
+            items: TokenStream::new(),
+            reference: quote_spanned! {first=> &#with },
+        };
+    }
+    let boxed = respan(quote! { #private::boxed_extractor }, first);
+    let call = quote_spanned! {last=> #boxed::<#payload, _>(#with) };
+    With {
+        items: quote! {
+            static __IDEM_WITH: #private::LazyLock<#private::BoxedExtractor<#payload>> =
+                #private::LazyLock::new(|| #call);
+        },
+        reference: quote! { &**__IDEM_WITH },
+    }
+}
+
+fn generate(
+    args: &Args,
+    sig: &Signature,
+    f: &ItemFn,
+    krate: &TokenStream,
+    tx_as_written: Option<&syn::Path>,
+) -> TokenStream {
     let private = quote! { #krate::__private };
     let fn_name = &f.sig.ident;
     let fn_text = fn_name.to_string();
     let ty = format_ident!("__IdemHandler_{}", fn_name);
-    let payload = sig.payload.as_ref().expect("checked: payload exists");
+    let payload = sig.payload.as_ref().expect("validated: payload exists");
     let payload_span = syn::spanned::Spanned::span(payload);
-    let output = sig.output.as_ref().expect("checked: return type exists");
+    let output = sig.output.as_ref().expect("validated: return type exists");
 
-    // A built-in store's type carries the span of its name, so that
-    // "not a dedup store" (a cargo feature that is off) points there.
     let (store_ty, store_span) = match &args.store {
         None => (quote! { #krate::NoStore }, Span::call_site()),
-        Some((Store::Sqlite, s)) => (respan(quote! { #private::stores::Sqlite }, *s), *s),
-        Some((Store::Postgres, s)) => (respan(quote! { #private::stores::Postgres }, *s), *s),
-        Some((Store::Redis, s)) => (respan(quote! { #private::stores::Redis }, *s), *s),
-        Some((Store::Memory, s)) => (respan(quote! { #private::stores::Memory }, *s), *s),
-        Some((Store::Custom(p), s)) => (quote! { #p }, *s),
+        Some(s) => (store_type(&s.value, s.span, krate), s.span),
     };
     let store_text = args
         .store
         .as_ref()
-        .map(|(s, _)| s.name())
+        .map(|s| store_text(&s.value))
         .unwrap_or_else(|| "none".into());
 
-    let topic = args.topic.as_ref().expect("checked: topic exists");
+    let topic = args.topic.as_ref().expect("validated: topic exists");
     let (name, name_is_default) = match &args.name {
         Some(n) => (n.value(), false),
         None => (fn_text.clone(), true),
     };
-    let ack = args.ack.as_ref().map(|(a, _)| *a).unwrap_or(AckMode::Auto);
-    let ack_ident = format_ident!("{}", ack.ident());
-    let ms = |m: u64| quote! { #private::Duration::from_millis(#m) };
-    let ttl = match args.ttl {
-        Some(t) => {
-            let d = ms(t.0);
-            quote! { ::core::option::Option::Some(#d) }
-        }
-        None => quote! { ::core::option::Option::None },
-    };
-    let lease = ms(args.lease.map(|l| l.0).unwrap_or(30_000));
-    let retries = args.retries.unwrap_or(3);
-    let (bmin, bmax) = args
-        .backoff
-        .map(|(a, b)| (a.0, b.0))
-        .unwrap_or((100, 30_000));
-    let (bmin, bmax) = (ms(bmin), ms(bmax));
-    let dead_letter = match &args.dead_letter {
-        Some(d) => quote! { ::core::option::Option::Some(#d) },
-        None => quote! { ::core::option::Option::None },
-    };
-    let ordered = args.ordered.unwrap_or(false);
-    let optional_key = args.on_missing_key.is_some();
-    let on_missing_key = match args.on_missing_key {
-        Some((false, _)) => quote! { #krate::OnMissingKey::Reject },
-        _ => quote! { #krate::OnMissingKey::DeadLetter },
-    };
-    let on_in_progress = match args.on_in_progress {
-        Some(true) => quote! { #krate::OnInProgress::Wait },
-        _ => quote! { #krate::OnInProgress::Retry },
-    };
-    let max_key_len = args.max_key_len.map(|m| m as usize).unwrap_or(512);
     let key_text = match (&args.key, &args.with) {
-        (Some((k, _)), _) => k.describe(),
-        (None, Some(p)) => format!("with {}", quote!(#p).to_string().replace(' ', "")),
+        (Some(k), _) => k.value.describe(),
+        (None, Some(w)) => format!("with {}", quote!(#w).to_string().replace(' ', "")),
         (None, None) => "message_id".into(),
     };
 
-    let key_body = match (&args.key, &args.with) {
-        (Some((spec, _)), _) => {
-            let e = extractor(spec, payload, &private, optional_key);
+    // Only what the attribute set; the runtime's defaults do the rest.
+    let mut set = Vec::new();
+    let ms = |m: u64| quote! { #private::Duration::from_millis(#m) };
+    if let Some(a) = args.ack {
+        let ident = format_ident!("{}", a.value.ident());
+        set.push(quote! { ack: #krate::AckMode::#ident });
+    }
+    if let Some(t) = args.ttl {
+        let d = ms(t.0);
+        set.push(quote! { ttl: ::core::option::Option::Some(#d) });
+    }
+    if let Some(l) = args.lease {
+        let d = ms(l.0);
+        set.push(quote! { lease: #d });
+    }
+    if let Some(r) = args.retries {
+        set.push(quote! { retries: #r });
+    }
+    if let Some((lo, hi)) = args.backoff {
+        let (lo, hi) = (ms(lo.0), ms(hi.0));
+        set.push(quote! { backoff: #krate::Backoff { min: #lo, max: #hi } });
+    }
+    if let Some(d) = &args.dead_letter {
+        set.push(quote! { dead_letter: ::core::option::Option::Some(#d) });
+    }
+    if let Some(o) = args.ordered {
+        set.push(quote! { ordered: #o });
+    }
+    if let Some(m) = args.on_missing_key {
+        let ident = format_ident!("{}", m.value.ident());
+        set.push(quote! { on_missing_key: #krate::OnMissingKey::#ident });
+    }
+    if let Some(p) = args.on_in_progress {
+        let ident = format_ident!("{}", p.ident());
+        set.push(quote! { on_in_progress: #krate::OnInProgress::#ident });
+    }
+    if let Some(m) = args.max_key_len {
+        let m = m as usize;
+        set.push(quote! { max_key_len: #m });
+    }
+
+    let with = args.with.as_ref().map(|w| with_extractor(w, payload, krate));
+    let with_items = with.as_ref().map(|w| w.items.clone());
+    let key_body = match (&args.key, &with) {
+        (Some(spec), _) => {
+            let e = extractor(&spec.value, payload, &private, args.on_missing_key.is_some());
             quote! { #krate::KeyExtractor::<#payload>::extract(&#e, __d, __p) }
         }
-        (None, Some(path)) => {
-            let span = syn::spanned::Spanned::span(path);
-            quote_spanned! {span=> #krate::KeyExtractor::<#payload>::extract(&#path, __d, __p) }
+        (None, Some(w)) => {
+            let r = &w.reference;
+            quote! { #krate::KeyExtractor::<#payload>::extract(#r, __d, __p) }
         }
         (None, None) => {
             quote! { #krate::KeyExtractor::<#payload>::extract(&#private::MessageId, __d, __p) }
@@ -356,17 +386,18 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
 
     // Conflict detection is opt-in: the fields named in `fingerprint`, else
     // whatever a `with` extractor supplies, else none.
-    let (fingerprint, fingerprint_text) = match (&args.fingerprint, &args.with) {
+    let (fingerprint, fingerprint_text) = match (&args.fingerprint, &with) {
         (Some(fields), _) => {
-            let adds = fields.iter().map(|(path, span)| {
-                let access = field_access(path, *span);
-                quote_spanned! {*span=> __f.field(&#access); }
+            let adds = fields.iter().map(|field| {
+                let span = field.lit.span();
+                let access = field_access(field);
+                quote_spanned! {span=> __f.field(&#access); }
             });
             let text = format!(
                 "[{}]",
                 fields
                     .iter()
-                    .map(|(path, _)| format!("{:?}", members_text(path)))
+                    .map(|field| format!("{:?}", members_text(field)))
                     .collect::<Vec<_>>()
                     .join(", ")
             );
@@ -379,21 +410,25 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
             };
             (Some(body), quote! { ::core::option::Option::Some(#text) })
         }
-        (None, Some(path)) => {
-            let span = syn::spanned::Spanned::span(path);
+        (None, Some(w)) => {
+            let with_expr = args.with.as_ref().expect("with");
             let text = format!(
                 "(supplied by the key extractor `{}`)",
-                quote!(#path).to_string().replace(' ', "")
+                quote!(#with_expr).to_string().replace(' ', "")
             );
-            let body = quote_spanned! {span=>
+            let r = &w.reference;
+            let body = quote! {
                 fn fingerprint(&self, __d: &#krate::Delivery, __p: &#payload) -> ::core::option::Option<#krate::Fingerprint> {
-                    #krate::KeyExtractor::<#payload>::fingerprint(&#path, __d, __p)
+                    #krate::KeyExtractor::<#payload>::fingerprint(#r, __d, __p)
                 }
             };
             (Some(body), quote! { ::core::option::Option::Some(#text) })
         }
         (None, None) => (None, quote! { ::core::option::Option::None }),
     };
+    if args.fingerprint.is_some() || args.with.is_some() {
+        set.push(quote! { fingerprint: #fingerprint_text });
+    }
 
     let call_args = sig.params.iter().map(|(p, span)| match p {
         Param::Payload => quote_spanned! {*span=> __payload },
@@ -401,20 +436,13 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
         Param::Ack => quote_spanned! {*span=> __ack },
         Param::Delivery => quote_spanned! {*span=> __delivery },
     });
-    // The store's mode: a handler with a `tx` parameter needs a TxStore; one
-    // without works with any store, generically over the mode.
-    let (mode, generics) = if sig.tx.is_some() {
-        (quote! { #private::Transactional }, quote! {})
-    } else {
-        (quote! { __M }, quote! { <__M: 'static> })
-    };
     let call_span = fn_name.span();
     let call = quote_spanned! {call_span=>
         #[allow(unused_variables)]
         fn call<'__a, '__c: '__a>(
             &'__a self,
             __payload: #payload,
-            __tx: &'__a mut <#store_ty as #krate::DedupStore<#mode>>::Tx<'__c>,
+            __tx: &'__a mut <#store_ty as #krate::DedupStore>::Tx<'__c>,
             __delivery: &'__a #krate::Delivery,
             __ack: #krate::Ack,
         ) -> impl ::core::future::Future<Output = #output> + ::core::marker::Send + '__a {
@@ -432,8 +460,7 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
     // link repeats its bound as `assert_*::<T>()` at the same span first:
     // rustc reports the bound once, from the runtime's documented assert.
     let payload_bound = quote_spanned! {payload_span=> for<'__idem> #payload: #krate::Payload };
-    let store_bound =
-        quote_spanned! {store_span=> for<'__idem> #store_ty: #krate::DedupStore<#mode> };
+    let store_bound = quote_spanned! {store_span=> for<'__idem> #store_ty: #krate::DedupStore };
     let at = |(first, last): (Span, Span), fn_name: &str| {
         let ty = respan(ty.to_token_stream(), first);
         let f = format_ident!("{}", fn_name, span = last);
@@ -445,9 +472,9 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
     let store_at = first_last(&store_ty);
     let check_store = at(store_at, "__idem_store_checked");
     let assert_store = respan(quote! { #private::assert_store }, store_at.0);
-    // A `tx` parameter needs a transactional store. The store type is
-    // spelled `<S as __IdemSame>::This` (= S) so that the turbofish, which
-    // rustc points at, can carry the span of the whole parameter.
+    // A `tx` parameter needs a store that hands out a transaction. The store
+    // type is spelled `<S as __IdemSame>::This` (= S) so that the turbofish,
+    // which rustc points at, can carry the span of the whole parameter.
     let tx_check = sig.tx.as_ref().map(|tx| {
         let (first, last) = first_last(&tx.tokens);
         let lt = quote_spanned! {first=> < };
@@ -463,6 +490,7 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
             const _: () = #assert_tx::<#lt #store_ty as __IdemSame #this>();
         }
     });
+    let tx_used = tx_as_written.map(keep_import_used);
 
     quote! {
         #[doc(hidden)]
@@ -471,14 +499,16 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
             #[derive(Default)]
             struct #ty;
 
-            impl #generics #krate::HandlerFn<#mode> for #ty
+            #with_items
+            #tx_used
+
+            impl #krate::HandlerFn for #ty
             where
                 #payload_bound,
                 #store_bound,
             {
                 type Payload = #payload;
                 type Store = #store_ty;
-                type Codec = #krate::Json;
                 type Result = #output;
                 const META: #krate::HandlerMeta = #krate::HandlerMeta {
                     name: #name,
@@ -487,17 +517,8 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
                     topic: #topic,
                     key: #key_text,
                     store: #store_text,
-                    ack: #krate::AckMode::#ack_ident,
-                    ttl: #ttl,
-                    lease: #lease,
-                    retries: #retries,
-                    backoff: #krate::Backoff { min: #bmin, max: #bmax },
-                    dead_letter: #dead_letter,
-                    ordered: #ordered,
-                    on_missing_key: #on_missing_key,
-                    on_in_progress: #on_in_progress,
-                    max_key_len: #max_key_len,
-                    fingerprint: #fingerprint_text,
+                    #(#set,)*
+                    ..#private::META_DEFAULTS
                 };
 
                 fn key(&self, __d: &#krate::Delivery, __p: &#payload) -> ::core::result::Result<#krate::Key, #krate::KeyError> {
@@ -514,15 +535,15 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
                 where
                     #payload_bound,
                 {
-                    #assert_store::<#store_ty, _>();
+                    #assert_store::<#store_ty>();
                     #check_store
                 }
-                const fn __idem_store_checked #generics () -> #private::HandlerDescriptor
+                const fn __idem_store_checked() -> #private::HandlerDescriptor
                 where
                     #payload_bound,
                     #store_bound,
                 {
-                    #private::HandlerDescriptor::of::<#ty, #mode>()
+                    #private::HandlerDescriptor::of::<#ty>()
                 }
             }
 
@@ -536,4 +557,19 @@ fn generate(args: &Args, sig: &Signature, f: &ItemFn) -> TokenStream {
             }
         };
     }
+}
+
+/// Which codec a handler decodes with (used by the payload check).
+#[allow(dead_code)]
+pub(crate) fn builtin_codec(args: &Args) -> Option<BuiltinCodec> {
+    match args.codec.as_ref().map(|c| &c.value) {
+        None => Some(BuiltinCodec::Json),
+        Some(Codec::Builtin(b)) => Some(*b),
+        Some(Codec::Custom(_)) => None,
+    }
+}
+
+#[allow(dead_code)]
+fn ack_is_default(args: &Args) -> bool {
+    args.ack.is_none_or(|a| a.value == AckMode::Auto)
 }

@@ -1,17 +1,22 @@
 //! The `#[idempotent]` attribute of idem. This crate is a thin shim: the
-//! arguments are parsed in `args`, the handler's signature read in
-//! `signature`, and the code generated in `expand`. Use it through the `idem`
+//! arguments are parsed in `parse`, the handler's signature read in
+//! `signature`, both checked together in `validate`, and the code generated
+//! in `expand` (or, after an error, in `fallback`). Use it through the `idem`
 //! crate, which re-exports it; the generated code refers to `::idem`.
 #![forbid(unsafe_code)]
 
 use proc_macro::TokenStream;
 
-mod args;
 mod expand;
+mod fallback;
+mod parse;
 mod signature;
+mod validate;
 
-/// Makes an async fn an idempotent message handler. See the `idem` crate's
-/// documentation for the arguments and their semantics.
+/// Makes an async fn an idempotent message handler.
+///
+/// The arguments, their values and defaults, and the parameter rules are
+/// documented on the `idem` crate's re-export, `idem::idempotent`.
 ///
 /// Set the environment variable `IDEM_MACROS_DEBUG=1` while compiling to
 /// print every expansion to stderr.

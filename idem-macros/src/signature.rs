@@ -8,7 +8,7 @@ use quote::ToTokens;
 use syn::spanned::Spanned;
 use syn::{FnArg, ItemFn, Type};
 
-use crate::args::Errors;
+use crate::validate::Errors;
 
 pub(crate) enum Param {
     Payload,

@@ -67,7 +67,41 @@ pub mod __private {
     pub use crate::store::mode::Transactional;
     pub use inventory;
     pub use serde;
+    pub use std::sync::LazyLock;
     pub use std::time::Duration;
+
+    /// Every setting's default: generated metadata names only what the
+    /// attribute set, then `..META_DEFAULTS`.
+    pub const META_DEFAULTS: crate::HandlerMeta = crate::HandlerMeta {
+        name: "",
+        name_is_default: false,
+        path: "",
+        topic: "",
+        key: "",
+        store: "",
+        ack: crate::AckMode::Auto,
+        ttl: None,
+        lease: Duration::from_secs(30),
+        retries: 3,
+        backoff: crate::Backoff {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+        },
+        dead_letter: None,
+        ordered: false,
+        on_missing_key: crate::OnMissingKey::DeadLetter,
+        on_in_progress: crate::OnInProgress::Retry,
+        max_key_len: crate::key::DEFAULT_MAX_KEY_LEN,
+        fingerprint: None,
+    };
+
+    /// A `with = <expression>` extractor, evaluated once and kept.
+    pub type BoxedExtractor<P> = Box<dyn crate::key::KeyExtractor<P>>;
+    /// Boxes a `with = <expression>` extractor; the bound is checked here,
+    /// at the expression.
+    pub fn boxed_extractor<P, E: crate::key::KeyExtractor<P>>(extractor: E) -> BoxedExtractor<P> {
+        Box::new(extractor)
+    }
 
     /// The built-in stores by attribute name. A store whose cargo feature is
     /// off is a placeholder type whose "not a dedup store" error names the feature.
@@ -88,6 +122,10 @@ pub mod __private {
         pub struct Postgres_RequiresIdemFeature_postgres;
         #[cfg(not(feature = "postgres"))]
         pub use Postgres_RequiresIdemFeature_postgres as Postgres;
+
+        /// Placeholder: enable the `mysql` feature of idem.
+        pub struct Mysql_RequiresIdemFeature_mysql;
+        pub use Mysql_RequiresIdemFeature_mysql as Mysql;
 
         #[cfg(feature = "redis")]
         pub use crate::store::redis::RedisStore as Redis;

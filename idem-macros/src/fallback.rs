@@ -1,0 +1,62 @@
+//! What is emitted when the attribute or the signature is wrong (the shape
+//! of thiserror's `fallback.rs`): the errors, the user's fn (so its callers
+//! and tests do not pile "cannot find function" errors on top of the real
+//! one; its `tx` type completed when the store is known), and a block that
+//! mentions what the attribute names (the `with` extractor, a store or
+//! codec type, the `Tx` path as written) so that their imports are not
+//! reported unused. Nothing in the block is checked beyond name resolution
+//! and types: no trait bound of the handler is asked for, so the only
+//! errors are the ones found, each once.
+
+use proc_macro2::TokenStream;
+use quote::quote;
+use syn::ItemFn;
+
+use crate::parse::{Args, Codec, Store};
+use crate::signature::Signature;
+use crate::validate::Errors;
+
+pub(crate) fn expand(
+    f: &ItemFn,
+    args: &Args,
+    sig: &Signature,
+    krate: &TokenStream,
+    tx_as_written: Option<&syn::Path>,
+    errors: Errors,
+) -> TokenStream {
+    let errors = errors.into_compile_errors();
+    let mut uses = Vec::new();
+    if let Some(p) = tx_as_written {
+        uses.push(crate::expand::keep_import_used(p));
+    }
+    if let Some(Store::Custom(p)) = args.store.as_ref().map(|s| &s.value) {
+        uses.push(quote! { let _: ::core::marker::PhantomData<#p>; });
+    }
+    if let Some(Codec::Custom(p)) = args.codec.as_ref().map(|c| &c.value) {
+        uses.push(quote! { let _: ::core::marker::PhantomData<#p>; });
+    }
+    if let Some(with) = &args.with {
+        // Inside a closure that is never called: named, not evaluated.
+        uses.push(quote! { let _ = || { let _ = &#with; }; });
+    }
+    let fn_name = &f.sig.ident;
+    // The handler fn is used by the handler type, which is not generated.
+    let fn_used = if sig.payload.is_some() {
+        quote! { let _ = #fn_name; }
+    } else {
+        TokenStream::new()
+    };
+    let _ = krate;
+    quote! {
+        #errors
+        #f
+        #[doc(hidden)]
+        const _: () = {
+            #[allow(unused, clippy::all)]
+            fn __idem_fallback() {
+                #fn_used
+                #(#uses)*
+            }
+        };
+    }
+}
