@@ -195,17 +195,25 @@ pub(crate) fn field_access(field: &FieldPath) -> TokenStream {
             span: at,
         }),
     });
+    let p = local("__p", span);
     let mut group = Group::new(
         Delimiter::Parenthesis,
-        quote_spanned! {span=> (*__p) #(.#members)* },
+        quote_spanned! {span=> (*#p) #(.#members)* },
     );
     group.set_span(span);
     TokenTree::Group(group).into()
 }
 
+/// A generated local variable, located at `span` (for error positions) but
+/// with the macro's own hygiene: a token from the user, or from a
+/// `macro_rules!` that passed it on, cannot see the macro's locals.
+pub(crate) fn local(name: &str, span: Span) -> syn::Ident {
+    syn::Ident::new(name, Span::call_site().located_at(span))
+}
+
 /// Where a field name of a key or fingerprint is, for rustc.
 fn field_span(lit: Span) -> Span {
-    Span::call_site().located_at(lit)
+    lit
 }
 
 /// A field path as written: `customer.id`.
@@ -227,10 +235,11 @@ fn extractor(
             // Every token of the call at the key's literal: a field that is
             // not a key part is then reported there and nowhere else.
             let private = &respan(private.clone(), span);
+            let out = local("__out", span);
             let write = if optional {
-                quote_spanned! {span=> #private::OptionalKeyPart::write_optional_key(&#access, __out) }
+                quote_spanned! {span=> #private::OptionalKeyPart::write_optional_key(&#access, #out) }
             } else {
-                quote_spanned! {span=> { #private::KeyPart::write_key(&#access, __out); ::core::result::Result::Ok(()) } }
+                quote_spanned! {span=> { #private::KeyPart::write_key(&#access, #out); ::core::result::Result::Ok(()) } }
             };
             quote! {
                 #private::Field {
@@ -280,8 +289,12 @@ pub(crate) fn with_extractor(
             reference: quote_spanned! {first=> &#with },
         };
     }
-    let boxed = respan(quote! { #private::boxed_extractor }, first);
-    let call = quote_spanned! {last=> #boxed::<#payload, _>(#with) };
+    // `path::boxed_extractor` from the first token of the expression to its
+    // last: rustc underlines the whole expression for an unmet bound.
+    let private_at = respan(private.clone(), first);
+    let boxed = format_ident!("boxed_extractor", span = last);
+    let payload = respan(payload.to_token_stream(), last);
+    let call = quote_spanned! {last=> #private_at::#boxed::<#payload, _>(#with) };
     With {
         items: quote! {
             static __IDEM_WITH: #private::LazyLock<#private::BoxedExtractor<#payload>> =
@@ -391,7 +404,8 @@ fn generate(
             let adds = fields.iter().map(|field| {
                 let span = field.lit.span();
                 let access = field_access(field);
-                quote_spanned! {span=> __f.field(&#access); }
+                let f = local("__f", span);
+                quote_spanned! {span=> #f.field(&#access); }
             });
             let text = format!(
                 "[{}]",
@@ -431,20 +445,22 @@ fn generate(
     }
 
     let call_args = sig.params.iter().map(|(p, span)| match p {
-        Param::Payload => quote_spanned! {*span=> __payload },
-        Param::Tx => quote_spanned! {*span=> __tx },
-        Param::Ack => quote_spanned! {*span=> __ack },
-        Param::Delivery => quote_spanned! {*span=> __delivery },
+        Param::Payload => local("__payload", *span),
+        Param::Tx => local("__tx", *span),
+        Param::Ack => local("__ack", *span),
+        Param::Delivery => local("__delivery", *span),
     });
     let call_span = fn_name.span();
+    let [payload_arg, tx_arg, delivery_arg, ack_arg] =
+        ["__payload", "__tx", "__delivery", "__ack"].map(|n| local(n, call_span));
     let call = quote_spanned! {call_span=>
         #[allow(unused_variables)]
         fn call<'__a, '__c: '__a>(
             &'__a self,
-            __payload: #payload,
-            __tx: &'__a mut <#store_ty as #krate::DedupStore>::Tx<'__c>,
-            __delivery: &'__a #krate::Delivery,
-            __ack: #krate::Ack,
+            #payload_arg: #payload,
+            #tx_arg: &'__a mut <#store_ty as #krate::DedupStore>::Tx<'__c>,
+            #delivery_arg: &'__a #krate::Delivery,
+            #ack_arg: #krate::Ack,
         ) -> impl ::core::future::Future<Output = #output> + ::core::marker::Send + '__a {
             #fn_name(#(#call_args),*)
         }

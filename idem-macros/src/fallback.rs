@@ -12,7 +12,7 @@ use proc_macro2::TokenStream;
 use quote::quote;
 use syn::ItemFn;
 
-use crate::parse::{Args, Codec, Store};
+use crate::parse::{Args, Codec, FieldPath, KeySpec, Store};
 use crate::signature::Signature;
 use crate::validate::Errors;
 
@@ -39,6 +39,19 @@ pub(crate) fn expand(
         // Inside a closure that is never called: named, not evaluated.
         uses.push(quote! { let _ = || { let _ = &#with; }; });
     }
+    // Key and fingerprint fields are still checked against the payload
+    // type: a wrong field is a mistake of its own.
+    if let Some(payload) = &sig.payload {
+        let mut fields = Vec::new();
+        if let Some(key) = &args.key {
+            key_fields(&key.value, &mut fields);
+        }
+        if let Some(fingerprint) = &args.fingerprint {
+            fields.extend(fingerprint.iter());
+        }
+        let accesses = fields.into_iter().map(crate::expand::field_access);
+        uses.push(quote! { let _ = |__p: &#payload| { #(let _ = &#accesses;)* }; });
+    }
     let fn_name = &f.sig.ident;
     // The handler fn is used by the handler type, which is not generated.
     let fn_used = if sig.payload.is_some() {
@@ -58,5 +71,13 @@ pub(crate) fn expand(
                 #(#uses)*
             }
         };
+    }
+}
+
+fn key_fields<'a>(key: &'a KeySpec, out: &mut Vec<&'a FieldPath>) {
+    match key {
+        KeySpec::Field(f) => out.push(f),
+        KeySpec::Composite(parts) => parts.iter().for_each(|p| key_fields(p, out)),
+        KeySpec::Header(_) | KeySpec::MessageId => {}
     }
 }

@@ -618,7 +618,7 @@ fn integer(input: ParseStream<'_>, what: &str, min: u32) -> syn::Result<u32> {
         )),
         _ => Err(syn::Error::new(
             i.span(),
-            format!("`{what}` takes an integer from 0 to {}", u32::MAX),
+            format!("`{what}` takes a whole number from 0 to {}", u32::MAX),
         )),
     }
 }

@@ -13,7 +13,7 @@ impl std::fmt::Display for AppError {
     }
 }
 
-#[idem::idempotent(topic = "orders", key = "order_id", store = "mysql")]
+#[idem::idempotent(topic = "orders", key = "order_id", store = "postgresql")]
 async fn handle(order: OrderPlaced) -> Result<(), AppError> {
     let _ = order;
     Ok(())

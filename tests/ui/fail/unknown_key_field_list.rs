@@ -1,0 +1,23 @@
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct OrderPlaced {
+    order_id: u64,
+    email: String,
+}
+
+#[derive(Debug)]
+struct AppError;
+impl std::fmt::Display for AppError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("app")
+    }
+}
+
+#[idem::idempotent(topic = "orders", key = "customer", store = "memory")]
+async fn handle(order: OrderPlaced) -> Result<(), AppError> {
+    let _ = (order.order_id, order.email);
+    Ok(())
+}
+
+fn main() {}
