@@ -45,18 +45,18 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The attribute's arguments, the delivery semantics per ack mode and store,
-//! and how to plug in your own key extractor, store or source are described
-//! in the README. Set `IDEM_MACROS_DEBUG=1` while compiling to print what the
-//! macro generates.
+//! Every argument of the attribute, its values and default, and the rules for
+//! the handler's parameters are on [`idempotent`]. The delivery semantics per
+//! ack mode and store, and how to plug in your own key extractor, store or
+//! source are described in the README. Set `IDEM_MACROS_DEBUG=1` while
+//! compiling to print what the macro generates.
 #![forbid(unsafe_code)]
 
-/// Makes an async fn an idempotent message handler.
-///
-/// ```text
-/// #[idempotent(topic = "orders", key = "order_id", store = "sqlite", ack = "auto")]
-/// ```
-///
-/// See the crate documentation and the README for every argument.
 pub use idem_macros::idempotent;
 pub use idem_runtime::*;
+
+/// The examples of [`idempotent`]'s documentation, run as doctests here
+/// (the macro crate has no `idem` to run them with).
+#[cfg(doctest)]
+#[doc = include_str!("../idem-macros/src/idempotent.md")]
+pub struct IdempotentDocExamples;

@@ -13,13 +13,10 @@ mod parse;
 mod signature;
 mod validate;
 
-/// Makes an async fn an idempotent message handler.
-///
-/// The arguments, their values and defaults, and the parameter rules are
-/// documented on the `idem` crate's re-export, `idem::idempotent`.
-///
-/// Set the environment variable `IDEM_MACROS_DEBUG=1` while compiling to
-/// print every expansion to stderr.
+// The reference (every argument, its values and default, the parameter
+// rules) is `idempotent.md`: shown here and on the `idem` re-export, whose
+// doctests run its examples (this crate cannot: it has no `idem`).
+#[doc = include_str!("idempotent.md")]
 #[proc_macro_attribute]
 pub fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
     let out = expand::idempotent(attr.into(), item.into());
