@@ -29,7 +29,10 @@ pub(crate) fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
     let sig = Signature::read(&f, &mut errors);
     validate(&args, &sig, &attr, &mut errors);
     let krate = krate(&args);
-    let store = args.store.as_ref().map(|s| store_type(&s.value, s.span, &krate));
+    let store = args
+        .store
+        .as_ref()
+        .map(|s| store_type(&s.value, s.span, &krate));
     let tx_as_written = match &store {
         Some(store) => complete_tx_type(&mut f, store, &krate),
         None => None,
@@ -62,6 +65,7 @@ pub(crate) fn store_type(store: &Store, span: Span, krate: &TokenStream) -> Toke
 }
 
 /// The codec's type: `idem::codec::Json` unless `codec = …` says otherwise.
+#[allow(dead_code)] // TODO(contract): `type Codec = …` once `HandlerFn` has it.
 pub(crate) fn codec_type(args: &Args, krate: &TokenStream) -> TokenStream {
     match args.codec.as_ref() {
         None => quote! { #krate::codec::Json },
@@ -270,11 +274,7 @@ pub(crate) struct With {
     pub(crate) reference: TokenStream,
 }
 
-pub(crate) fn with_extractor(
-    with: &syn::Expr,
-    payload: &syn::Type,
-    krate: &TokenStream,
-) -> With {
+pub(crate) fn with_extractor(with: &syn::Expr, payload: &syn::Type, krate: &TokenStream) -> With {
     let private = quote! { #krate::__private };
     let (first, last) = first_last(with);
     let mut inner = with;
@@ -289,12 +289,16 @@ pub(crate) fn with_extractor(
             reference: quote_spanned! {first=> &#with },
         };
     }
-    // `path::boxed_extractor` from the first token of the expression to its
-    // last: rustc underlines the whole expression for an unmet bound.
-    let private_at = respan(private.clone(), first);
-    let boxed = format_ident!("boxed_extractor", span = last);
-    let payload = respan(payload.to_token_stream(), last);
-    let call = quote_spanned! {last=> #private_at::#boxed::<#payload, _>(#with) };
+    // `Box::new(<expression>)` from the first token of the expression to
+    // its last: rustc underlines the whole expression for an unmet bound.
+    let boxed = respan(quote! { ::std::boxed::Box::new }, first);
+    let e = local("__idem_with", first);
+    let call = quote_spanned! {last=>
+        {
+            let #e: #private::BoxedExtractor<#payload> = #boxed(#with);
+            #e
+        }
+    };
     With {
         items: quote! {
             static __IDEM_WITH: #private::LazyLock<#private::BoxedExtractor<#payload>> =
@@ -381,11 +385,19 @@ fn generate(
         set.push(quote! { max_key_len: #m });
     }
 
-    let with = args.with.as_ref().map(|w| with_extractor(w, payload, krate));
+    let with = args
+        .with
+        .as_ref()
+        .map(|w| with_extractor(w, payload, krate));
     let with_items = with.as_ref().map(|w| w.items.clone());
     let key_body = match (&args.key, &with) {
         (Some(spec), _) => {
-            let e = extractor(&spec.value, payload, &private, args.on_missing_key.is_some());
+            let e = extractor(
+                &spec.value,
+                payload,
+                &private,
+                args.on_missing_key.is_some(),
+            );
             quote! { #krate::KeyExtractor::<#payload>::extract(&#e, __d, __p) }
         }
         (None, Some(w)) => {

@@ -158,6 +158,7 @@ impl Choice for BuiltinCodec {
 
 impl BuiltinCodec {
     /// The type's name in `idem::codec`.
+    #[allow(dead_code)] // TODO(contract): `type Codec = …` once `HandlerFn` has it.
     pub(crate) fn ident(self) -> &'static str {
         match self {
             BuiltinCodec::Json => "Json",
@@ -238,10 +239,8 @@ pub(crate) enum OnInProgress {
 
 impl Choice for OnInProgress {
     const WHAT: &'static str = "on_in_progress";
-    const VALUES: &'static [(&'static str, Self)] = &[
-        ("retry", OnInProgress::Retry),
-        ("wait", OnInProgress::Wait),
-    ];
+    const VALUES: &'static [(&'static str, Self)] =
+        &[("retry", OnInProgress::Retry), ("wait", OnInProgress::Wait)];
 }
 
 impl OnInProgress {
@@ -373,10 +372,7 @@ impl Args {
                 break;
             }
             if let Err(e) = input.parse::<Token![,]>() {
-                errors.push(syn::Error::new(
-                    e.span(),
-                    "expected `,` between arguments",
-                ));
+                errors.push(syn::Error::new(e.span(), "expected `,` between arguments"));
                 self.incomplete = true;
                 skip_to_comma(input);
                 let _ = input.parse::<Token![,]>();
@@ -471,10 +467,9 @@ impl Args {
             "max_key_len" => self.max_key_len = Some(integer(input, "max_key_len", 1)?),
             "crate" => {
                 let s = lit_str(input, "crate")?;
-                self.krate = Some(
-                    s.parse::<syn::Path>()
-                        .map_err(|_| syn::Error::new(s.span(), "`crate` takes a path, e.g. crate = \"my_idem\""))?,
-                );
+                self.krate = Some(s.parse::<syn::Path>().map_err(|_| {
+                    syn::Error::new(s.span(), "`crate` takes a path, e.g. crate = \"my_idem\"")
+                })?);
             }
             _ => unreachable!("argument_name returns the names above"),
         }
@@ -564,7 +559,10 @@ fn lit_str(input: ParseStream<'_>, what: &str) -> syn::Result<LitStr> {
 fn non_empty(input: ParseStream<'_>, what: &str) -> syn::Result<LitStr> {
     let s = lit_str(input, what)?;
     if s.value().trim().is_empty() {
-        return Err(syn::Error::new(s.span(), format!("`{what}` must not be empty")));
+        return Err(syn::Error::new(
+            s.span(),
+            format!("`{what}` must not be empty"),
+        ));
     }
     Ok(s)
 }
@@ -608,7 +606,10 @@ fn choice<T: Choice>(input: ParseStream<'_>) -> syn::Result<(T, Span)> {
 
 fn integer(input: ParseStream<'_>, what: &str, min: u32) -> syn::Result<u32> {
     let i: LitInt = input.parse().map_err(|e| {
-        syn::Error::new(e.span(), format!("`{what}` takes an integer, e.g. {what} = 5"))
+        syn::Error::new(
+            e.span(),
+            format!("`{what}` takes an integer, e.g. {what} = 5"),
+        )
     })?;
     match i.base10_parse::<u32>() {
         Ok(x) if x >= min => Ok(x),
@@ -627,9 +628,7 @@ fn integer(input: ParseStream<'_>, what: &str, min: u32) -> syn::Result<u32> {
 fn parse_duration(text: &str) -> Result<Millis, String> {
     use humantime::DurationError as E;
     match humantime::parse_duration(text.trim()) {
-        Ok(d) if d.as_millis() > 0 => Ok(Millis(
-            u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
-        )),
+        Ok(d) if d.as_millis() > 0 => Ok(Millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))),
         Ok(_) => Err(format!("{text:?} is zero; it must be longer")),
         Err(E::UnknownUnit { unit, .. }) => Err(format!(
             "{text:?} has an unknown unit {unit:?}; units are ms, s, m, h, d (also sec, min, hours, days, weeks)"
@@ -710,8 +709,7 @@ fn field_path(s: LitStr, what: &str) -> syn::Result<FieldPath> {
     Ok(FieldPath { members, lit: s })
 }
 
-const KEY_FORMS: &str =
-    "\"field\", \"nested.field\", (\"a\", \"b\"), header(\"Name\"), message_id";
+const KEY_FORMS: &str = "\"field\", \"nested.field\", (\"a\", \"b\"), header(\"Name\"), message_id";
 
 fn key_spec(input: ParseStream<'_>, nested: bool) -> syn::Result<KeySpec> {
     if input.peek(LitStr) {

@@ -97,11 +97,6 @@ pub mod __private {
 
     /// A `with = <expression>` extractor, evaluated once and kept.
     pub type BoxedExtractor<P> = Box<dyn crate::key::KeyExtractor<P>>;
-    /// Boxes a `with = <expression>` extractor; the bound is checked here,
-    /// at the expression.
-    pub fn boxed_extractor<P, E: crate::key::KeyExtractor<P>>(extractor: E) -> BoxedExtractor<P> {
-        Box::new(extractor)
-    }
 
     /// The built-in stores by attribute name. A store whose cargo feature is
     /// off is a placeholder type whose "not a dedup store" error names the feature.
