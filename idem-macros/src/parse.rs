@@ -605,6 +605,20 @@ fn choice<T: Choice>(input: ParseStream<'_>) -> syn::Result<(T, Span)> {
 }
 
 fn integer(input: ParseStream<'_>, what: &str, min: u32) -> syn::Result<u32> {
+    if input.peek(Token![-]) {
+        let minus: Token![-] = input.parse()?;
+        let rest: TokenStream = match input.parse::<LitInt>() {
+            Ok(i) => quote::quote!(#i),
+            Err(_) => TokenStream::new(),
+        };
+        return Err(syn::Error::new_spanned(
+            quote::quote!(#minus #rest),
+            format!(
+                "`{what}` takes a whole number from {min} to {}, not a negative one",
+                u32::MAX
+            ),
+        ));
+    }
     let i: LitInt = input.parse().map_err(|e| {
         syn::Error::new(
             e.span(),
