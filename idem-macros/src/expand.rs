@@ -11,7 +11,7 @@ use quote::{ToTokens, format_ident, quote, quote_spanned};
 use syn::ItemFn;
 
 use crate::fallback;
-use crate::parse::{AckMode, Args, BuiltinCodec, Codec, FieldPath, FieldSegment, KeySpec, Store};
+use crate::parse::{Args, BuiltinCodec, Codec, FieldPath, FieldSegment, KeySpec, Store};
 use crate::signature::{Param, Signature};
 use crate::validate::{Errors, store_text, validate};
 
@@ -33,14 +33,28 @@ pub(crate) fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
         .store
         .as_ref()
         .map(|s| store_type(&s.value, s.span, &krate));
-    let tx_as_written = match &store {
+    let tx = match &store {
         Some(store) => complete_tx_type(&mut f, store, &krate),
         None => None,
     };
     if !errors.is_empty() {
-        return fallback::expand(&f, &args, &sig, &krate, tx_as_written.as_ref(), errors);
+        let written = tx.as_ref().map(|t| &t.written);
+        return fallback::expand(&f, &args, &sig, &krate, written, errors);
     }
-    let generated = generate(&args, &sig, &f, &krate, tx_as_written.as_ref());
+    if tx.is_some()
+        && let Some(store) = &store
+    {
+        // The signature names `<S as TxStore>::Tx`: it is well-formed under
+        // this bound (true or false, `for<'__idem>` keeps rustc from judging
+        // it here). Whether it holds is checked once, by the generated code,
+        // at this parameter.
+        f.sig
+            .generics
+            .make_where_clause()
+            .predicates
+            .push(syn::parse_quote!(for<'__idem> #store: #krate::store::TxStore));
+    }
+    let generated = generate(&args, &sig, &f, &krate, tx.as_ref());
     quote! { #f #generated }
 }
 
@@ -65,14 +79,13 @@ pub(crate) fn store_type(store: &Store, span: Span, krate: &TokenStream) -> Toke
 }
 
 /// The codec's type: `idem::codec::Json` unless `codec = …` says otherwise.
-#[allow(dead_code)] // TODO(contract): `type Codec = …` once `HandlerFn` has it.
 pub(crate) fn codec_type(args: &Args, krate: &TokenStream) -> TokenStream {
     match args.codec.as_ref() {
-        None => quote! { #krate::codec::Json },
+        None => quote! { #krate::__private::codecs::Json },
         Some(c) => match &c.value {
             Codec::Builtin(b) => {
                 let ident = format_ident!("{}", b.ident(), span = c.span);
-                respan(quote! { #krate::codec::#ident }, c.span)
+                respan(quote! { #krate::__private::codecs::#ident }, c.span)
             }
             Codec::Custom(p) => quote! { #p },
         },
@@ -85,7 +98,7 @@ pub(crate) fn codec_type(args: &Args, krate: &TokenStream) -> TokenStream {
 /// the runtime's advice. Any other `&mut T` is left as written (a mismatch
 /// is then a type error). Returns the path as written, which the generated
 /// code still mentions so that an import of it stays used.
-fn complete_tx_type(f: &mut ItemFn, store: &TokenStream, krate: &TokenStream) -> Option<syn::Path> {
+fn complete_tx_type(f: &mut ItemFn, store: &TokenStream, krate: &TokenStream) -> Option<TxRewrite> {
     for input in &mut f.sig.inputs {
         let syn::FnArg::Typed(pat) = input else {
             continue;
@@ -117,19 +130,30 @@ fn complete_tx_type(f: &mut ItemFn, store: &TokenStream, krate: &TokenStream) ->
             continue;
         };
         let lt = lt.clone();
-        let (first, last_span) = first_last(&*path);
         let mut written = path.path.clone();
         if let Some(seg) = written.segments.last_mut() {
             seg.arguments = syn::PathArguments::None;
         }
-        let store = respan(store.clone(), first);
-        let lt_open = quote_spanned! {first=> < };
-        let tx = respan(tx_store_projection(krate), last_span);
-        let ty: syn::Type = syn::parse_quote!(#lt_open #store as #tx>::Tx<#lt>);
-        *elem = ty;
-        return Some(written);
+        // Every token at the first or the last token of the parameter's
+        // type, so that each type rustc checks here (the reference, the
+        // projection, its trait) spans all of `&mut Tx<'_>`: a store that
+        // is no `TxStore` is then reported once, there.
+        let (first, last) = first_last(&*r);
+        let head = respan(
+            quote! { &mut < #krate::__private::This<#store> as #krate::store:: },
+            first,
+        );
+        let tail = respan(quote! { TxStore>::Tx<#lt> }, last);
+        *pat.ty = syn::Type::Verbatim(quote! { #head #tail });
+        return Some(TxRewrite { written });
     }
     None
+}
+
+/// A `tx: &mut Tx<'_>` parameter, rewritten.
+pub(crate) struct TxRewrite {
+    /// The path as written, without its lifetime (`idem::Tx`).
+    pub(crate) written: syn::Path,
 }
 
 /// `tx: &mut Tx<'_>` after `use idem::Tx;`: the rewritten type no longer
@@ -142,11 +166,6 @@ pub(crate) fn keep_import_used(written: &syn::Path) -> TokenStream {
     } else {
         TokenStream::new()
     }
-}
-
-/// The trait whose `Tx` a `tx` parameter receives.
-fn tx_store_projection(krate: &TokenStream) -> TokenStream {
-    quote! { #krate::DedupStore }
 }
 
 fn ungroup_type(ty: &mut syn::Type) -> &mut syn::Type {
@@ -313,7 +332,7 @@ fn generate(
     sig: &Signature,
     f: &ItemFn,
     krate: &TokenStream,
-    tx_as_written: Option<&syn::Path>,
+    tx: Option<&TxRewrite>,
 ) -> TokenStream {
     let private = quote! { #krate::__private };
     let fn_name = &f.sig.ident;
@@ -462,6 +481,14 @@ fn generate(
         Param::Ack => local("__ack", *span),
         Param::Delivery => local("__delivery", *span),
     });
+    // The store's mode: a handler with a `tx` parameter needs a TxStore (and
+    // gets its transaction); one without works with any store, generically
+    // over the mode, which the compiler infers.
+    let (mode, generics) = if sig.tx.is_some() {
+        (quote! { #private::Transactional }, quote! {})
+    } else {
+        (quote! { __M }, quote! { <__M: 'static> })
+    };
     let call_span = fn_name.span();
     let [payload_arg, tx_arg, delivery_arg, ack_arg] =
         ["__payload", "__tx", "__delivery", "__ack"].map(|n| local(n, call_span));
@@ -470,7 +497,7 @@ fn generate(
         fn call<'__a, '__c: '__a>(
             &'__a self,
             #payload_arg: #payload,
-            #tx_arg: &'__a mut <#store_ty as #krate::DedupStore>::Tx<'__c>,
+            #tx_arg: &'__a mut <#store_ty as #krate::DedupStore<#mode>>::Tx<'__c>,
             #delivery_arg: &'__a #krate::Delivery,
             #ack_arg: #krate::Ack,
         ) -> impl ::core::future::Future<Output = #output> + ::core::marker::Send + '__a {
@@ -478,36 +505,76 @@ fn generate(
         }
     };
 
-    // The payload and store requirements. A wrong type must give one error,
-    // at its token, not one per place the handler type uses it. So the
-    // impl states them as where clauses (inside `for<'__idem>`, which keeps
-    // rustc from rejecting a false bound on a concrete type right there)
-    // and nothing inside the impl is checked against them. They are proven
-    // once each, in a chain of calls: the payload at the payload's span,
-    // then the store (the payload known good) at the store's span. Each
-    // link repeats its bound as `assert_*::<T>()` at the same span first:
-    // rustc reports the bound once, from the runtime's documented assert.
-    let payload_bound = quote_spanned! {payload_span=> for<'__idem> #payload: #krate::Payload };
-    let store_bound = quote_spanned! {store_span=> for<'__idem> #store_ty: #krate::DedupStore };
+    // The requirements on the payload (its codec decodes it), the store and
+    // the `tx` parameter. A wrong type must give one error, at its token,
+    // not one per place the handler type uses it. So the impl states them
+    // as where clauses (inside `for<'__idem>`, which keeps rustc from
+    // rejecting a false bound on a concrete type right there) and nothing
+    // inside the impl is checked against them. They are proven once each,
+    // in a chain of calls: the payload at the payload's span, then the
+    // store (the payload known good) at the store's span, or, with a `tx`
+    // parameter, the store's transaction at that parameter. Each link
+    // repeats its bound first, at the same span, as the runtime's
+    // documented `assert_*::<T>()` (or the very type of the parameter):
+    // rustc reports the bound once.
+    let codec_ty = codec_type(args, krate);
+    let serde_codec = args
+        .codec
+        .as_ref()
+        .is_none_or(|c| matches!(c.value, Codec::Builtin(BuiltinCodec::Json)));
+    let payload_at = first_last(payload);
+    let (payload_bound, assert_payload) = if serde_codec {
+        let assert = respan(quote! { #private::assert_payload }, payload_at.0);
+        (
+            quote_spanned! {payload_span=> for<'__idem> #payload: #krate::Payload },
+            quote! { #assert::<#payload>(); },
+        )
+    } else {
+        let assert = respan(quote! { #private::assert_codec }, payload_at.0);
+        (
+            quote_spanned! {payload_span=> for<'__idem> #codec_ty: #krate::Codec<#payload> },
+            quote! { #assert::<#payload, #codec_ty>(); },
+        )
+    };
     let at = |(first, last): (Span, Span), fn_name: &str| {
         let ty = respan(ty.to_token_stream(), first);
         let f = format_ident!("{}", fn_name, span = last);
         quote_spanned! {last=> #ty::#f() }
     };
-    let payload_at = first_last(payload);
     let check_payload = at(payload_at, "__idem_payload_checked");
-    let assert_payload = respan(quote! { #private::assert_payload }, payload_at.0);
-    let store_at = first_last(&store_ty);
-    let check_store = at(store_at, "__idem_store_checked");
-    let assert_store = respan(quote! { #private::assert_store }, store_at.0);
-    // A `tx` parameter needs a store that hands out a transaction. The store
-    // type is spelled `<S as __IdemSame>::This` (= S) so that the turbofish,
-    // which rustc points at, can carry the span of the whole parameter.
-    let tx_check = sig.tx.as_ref().map(|tx| {
-        let (first, last) = first_last(&tx.tokens);
-        let lt = quote_spanned! {first=> < };
-        let this = quote_spanned! {last=> >::This };
-        let assert_tx = respan(quote! { #private::assert_transactional }, first);
+    let (store_bound, check_store) = match &sig.tx {
+        None => {
+            let store_at = first_last(&store_ty);
+            let assert_store = respan(quote! { #private::assert_store }, store_at.0);
+            let check = at(store_at, "__idem_store_checked");
+            (
+                quote_spanned! {store_span=> for<'__idem> #store_ty: #krate::DedupStore<__M> },
+                quote! {
+                    #assert_store::<#store_ty, _>();
+                    #check
+                },
+            )
+        }
+        // A `tx` parameter: the store must hand out a transaction. The
+        // store type is spelled `<S as __IdemSame>::This` (= S) so that the
+        // turbofish, which rustc points at, can carry the span of the whole
+        // parameter.
+        Some(param) => {
+            let (first, last) = first_last(&param.tokens);
+            let lt = quote_spanned! {first=> < };
+            let this = quote_spanned! {last=> >::This };
+            let assert_tx = respan(quote! { #private::assert_transactional }, first);
+            let check = at((first, last), "__idem_store_checked");
+            (
+                quote! { for<'__idem> #store_ty: #krate::store::TxStore },
+                quote! {
+                    #assert_tx::<#lt #store_ty as __IdemSame #this>();
+                    #check
+                },
+            )
+        }
+    };
+    let same = sig.tx.as_ref().map(|_| {
         quote! {
             trait __IdemSame {
                 type This: ?::core::marker::Sized;
@@ -515,10 +582,9 @@ fn generate(
             impl<T: ?::core::marker::Sized> __IdemSame for T {
                 type This = T;
             }
-            const _: () = #assert_tx::<#lt #store_ty as __IdemSame #this>();
         }
     });
-    let tx_used = tx_as_written.map(keep_import_used);
+    let tx_used = tx.map(|t| keep_import_used(&t.written));
 
     quote! {
         #[doc(hidden)]
@@ -529,14 +595,16 @@ fn generate(
 
             #with_items
             #tx_used
+            #same
 
-            impl #krate::HandlerFn for #ty
+            impl #generics #krate::HandlerFn<#mode> for #ty
             where
                 #payload_bound,
                 #store_bound,
             {
                 type Payload = #payload;
                 type Store = #store_ty;
+                type Codec = #codec_ty;
                 type Result = #output;
                 const META: #krate::HandlerMeta = #krate::HandlerMeta {
                     name: #name,
@@ -546,7 +614,7 @@ fn generate(
                     key: #key_text,
                     store: #store_text,
                     #(#set,)*
-                    ..#private::META_DEFAULTS
+                    ..#krate::HandlerMeta::DEFAULTS
                 };
 
                 fn key(&self, __d: &#krate::Delivery, __p: &#payload) -> ::core::result::Result<#krate::Key, #krate::KeyError> {
@@ -559,45 +627,28 @@ fn generate(
             }
 
             impl #ty {
+                #[allow(clippy::let_unit_value)]
                 const fn __idem_payload_checked() -> #private::HandlerDescriptor
                 where
                     #payload_bound,
                 {
-                    #assert_store::<#store_ty>();
                     #check_store
                 }
-                const fn __idem_store_checked() -> #private::HandlerDescriptor
+                const fn __idem_store_checked #generics () -> #private::HandlerDescriptor
                 where
                     #payload_bound,
                     #store_bound,
                 {
-                    #private::HandlerDescriptor::of::<#ty>()
+                    #private::HandlerDescriptor::of::<#ty, #mode>()
                 }
             }
 
-            #tx_check
-
             #private::inventory::submit! {
                 {
-                    #assert_payload::<#payload>();
+                    #assert_payload
                     #check_payload
                 }
             }
         };
     }
-}
-
-/// Which codec a handler decodes with (used by the payload check).
-#[allow(dead_code)]
-pub(crate) fn builtin_codec(args: &Args) -> Option<BuiltinCodec> {
-    match args.codec.as_ref().map(|c| &c.value) {
-        None => Some(BuiltinCodec::Json),
-        Some(Codec::Builtin(b)) => Some(*b),
-        Some(Codec::Custom(_)) => None,
-    }
-}
-
-#[allow(dead_code)]
-fn ack_is_default(args: &Args) -> bool {
-    args.ack.is_none_or(|a| a.value == AckMode::Auto)
 }

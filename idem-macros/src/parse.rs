@@ -158,7 +158,6 @@ impl Choice for BuiltinCodec {
 
 impl BuiltinCodec {
     /// The type's name in `idem::codec`.
-    #[allow(dead_code)] // TODO(contract): `type Codec = …` once `HandlerFn` has it.
     pub(crate) fn ident(self) -> &'static str {
         match self {
             BuiltinCodec::Json => "Json",

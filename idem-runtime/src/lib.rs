@@ -70,30 +70,8 @@ pub mod __private {
     pub use std::sync::LazyLock;
     pub use std::time::Duration;
 
-    /// Every setting's default: generated metadata names only what the
-    /// attribute set, then `..META_DEFAULTS`.
-    pub const META_DEFAULTS: crate::HandlerMeta = crate::HandlerMeta {
-        name: "",
-        name_is_default: false,
-        path: "",
-        topic: "",
-        key: "",
-        store: "",
-        ack: crate::AckMode::Auto,
-        ttl: None,
-        lease: Duration::from_secs(30),
-        retries: 3,
-        backoff: crate::Backoff {
-            min: Duration::from_millis(100),
-            max: Duration::from_secs(30),
-        },
-        dead_letter: None,
-        ordered: false,
-        on_missing_key: crate::OnMissingKey::DeadLetter,
-        on_in_progress: crate::OnInProgress::Retry,
-        max_key_len: crate::key::DEFAULT_MAX_KEY_LEN,
-        fingerprint: None,
-    };
+    /// `T` itself: lets generated code spell a type with a span of its own.
+    pub type This<T> = T;
 
     /// A `with = <expression>` extractor, evaluated once and kept.
     pub type BoxedExtractor<P> = Box<dyn crate::key::KeyExtractor<P>>;
@@ -131,31 +109,26 @@ pub mod __private {
         pub struct Redis_RequiresIdemFeature_redis;
     }
 
-    /// The database type a `store = "postgres"` / `"sqlite"` handler's
-    /// `Tx<'_>` is completed with (a placeholder when the feature is off).
-    pub mod db {
-        #[cfg(feature = "sqlite")]
-        pub use sqlx::Sqlite;
-        /// Placeholder: enable the `sqlite` feature of idem.
-        #[cfg(not(feature = "sqlite"))]
-        #[allow(non_camel_case_types)]
-        pub struct Sqlite_RequiresIdemFeature_sqlite;
-        #[cfg(not(feature = "sqlite"))]
-        pub use Sqlite_RequiresIdemFeature_sqlite as Sqlite;
-        #[cfg(feature = "postgres")]
-        pub use sqlx::Postgres;
-        /// Placeholder: enable the `postgres` feature of idem.
-        #[cfg(not(feature = "postgres"))]
-        #[allow(non_camel_case_types)]
-        pub struct Postgres_RequiresIdemFeature_postgres;
-        #[cfg(not(feature = "postgres"))]
-        pub use Postgres_RequiresIdemFeature_postgres as Postgres;
+    /// The built-in codecs by attribute name (`codec = "msgpack"`). A codec
+    /// whose cargo feature is off is a placeholder type whose "cannot decode"
+    /// error names the feature.
+    #[allow(non_camel_case_types)]
+    pub mod codecs {
+        pub use crate::codec::Json;
+        /// Placeholder: enable the `msgpack` feature of idem.
+        pub struct MsgPack_RequiresIdemFeature_msgpack;
+        pub use MsgPack_RequiresIdemFeature_msgpack as MsgPack;
+        /// Placeholder: enable the `protobuf` feature of idem.
+        pub struct Protobuf_RequiresIdemFeature_protobuf;
+        pub use Protobuf_RequiresIdemFeature_protobuf as Protobuf;
     }
 
     /// Compile-time check that a store hands the handler a transaction.
     pub const fn assert_transactional<S: crate::store::TxStore>() {}
-    /// Compile-time check of the payload type.
+    /// Compile-time check of the payload type (serde codecs).
     pub const fn assert_payload<P: crate::handler::Payload>() {}
+    /// Compile-time check that codec `C` decodes payload type `P`.
+    pub const fn assert_codec<P, C: crate::codec::Codec<P>>() {}
     /// Compile-time check of the store type.
     pub const fn assert_store<S: crate::store::DedupStore<M>, M>() {}
     /// Compile-time check of a key extractor.

@@ -36,7 +36,7 @@ impl LeaseStore for MyStore {
 }
 
 #[idem::idempotent(topic = "orders", key = "order_id", store = MyStore)]
-async fn handle(order: OrderPlaced, tx: &mut idem::NoTx) -> Result<(), AppError> {
+async fn handle(order: OrderPlaced, tx: &mut idem::Tx<'_>) -> Result<(), AppError> {
     let _ = (order, tx);
     Ok(())
 }
