@@ -530,10 +530,14 @@ fn generate(
             quote! { #assert::<#payload>(); },
         )
     } else {
+        // The codec at the payload's span (`This<C>` from its first token to
+        // its last): the bound is reported there, once.
         let assert = respan(quote! { #private::assert_codec }, payload_at.0);
+        let this = respan(quote! { #private::This< }, payload_at.0);
+        let close = quote_spanned! {payload_at.1=> > };
         (
             quote_spanned! {payload_span=> for<'__idem> #codec_ty: #krate::Codec<#payload> },
-            quote! { #assert::<#payload, #codec_ty>(); },
+            quote! { #assert::<#payload, #this #codec_ty #close>(); },
         )
     };
     let at = |(first, last): (Span, Span), fn_name: &str| {
