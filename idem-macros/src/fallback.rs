@@ -52,9 +52,11 @@ pub(crate) fn expand(
         let accesses = fields.into_iter().map(crate::expand::field_access);
         uses.push(quote! { let _ = |__p: &#payload| { #(let _ = &#accesses;)* }; });
     }
+    // The handler fn is used by the handler type, which is not generated:
+    // mention it, unless its `tx` type names a store that may not have one
+    // (that would be a second error for the same mistake).
     let fn_name = &f.sig.ident;
-    // The handler fn is used by the handler type, which is not generated.
-    let fn_used = if sig.payload.is_some() {
+    let fn_used = if sig.payload.is_some() && tx_as_written.is_none() {
         quote! { let _ = #fn_name; }
     } else {
         TokenStream::new()
