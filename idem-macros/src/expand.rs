@@ -203,14 +203,20 @@ pub(crate) fn first_last(tokens: impl ToTokens) -> (Span, Span) {
 
 /// `(__p.a.b)`: the payload field named by a string literal.
 ///
-/// The field names are located at the literal and keep its (the user's)
-/// hygiene context: rustc then lists the payload type's fields ("available
-/// fields are: …") under "no field `x` on type `T`". The parentheses carry
-/// the literal's span alone, so that errors about the field's value (not a
-/// key part, not hashable) point at the literal.
+/// The field names take the literal's own span, location and hygiene:
+/// under "no field `x` on type `T`" rustc then lists the type's fields
+/// ("available fields are: …"), or names the closest one. rustc names
+/// fields only for an access in the field's own syntax context (the user's;
+/// with the macro's, as `Span::call_site().located_at(…)` would give, it
+/// says nothing more), and names the closest one only as a suggestion to
+/// replace the access's span, here the literal, with the bare name: rustc
+/// 1.95 has no span for the inside of a literal, nor a way to keep the list
+/// and drop that suggestion. The parentheses carry the literal's span alone,
+/// so that errors about the field's value (not a key part, not hashable)
+/// point at the literal.
 pub(crate) fn field_access(field: &FieldPath) -> TokenStream {
     let span = field.lit.span();
-    let at = field_span(span);
+    let at = span;
     let members = field.members.iter().map(|m| match m {
         FieldSegment::Named(name) => syn::Member::Named(syn::Ident::new(name, at)),
         FieldSegment::Index(index) => syn::Member::Unnamed(syn::Index {
@@ -232,16 +238,6 @@ pub(crate) fn field_access(field: &FieldPath) -> TokenStream {
 /// `macro_rules!` that passed it on, cannot see the macro's locals.
 pub(crate) fn local(name: &str, span: Span) -> syn::Ident {
     syn::Ident::new(name, Span::call_site().located_at(span))
-}
-
-/// Where a field name of a key or fingerprint is, for rustc.
-fn field_span(lit: Span) -> Span {
-    lit
-}
-
-/// A field path as written: `customer.id`.
-fn members_text(field: &FieldPath) -> String {
-    field.text()
 }
 
 fn extractor(
@@ -442,7 +438,7 @@ fn generate(
                 "[{}]",
                 fields
                     .iter()
-                    .map(|field| format!("{:?}", members_text(field)))
+                    .map(|field| format!("{:?}", field.text()))
                     .collect::<Vec<_>>()
                     .join(", ")
             );

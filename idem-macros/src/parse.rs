@@ -337,8 +337,6 @@ pub(crate) struct Args {
     pub(crate) krate: Option<syn::Path>,
     /// Every argument named, whether or not its value was right.
     pub(crate) given: Vec<(&'static str, Span)>,
-    /// Some argument was wrong: what is missing above may have been meant.
-    pub(crate) incomplete: bool,
 }
 
 impl Args {
@@ -364,7 +362,6 @@ impl Args {
         while !input.is_empty() {
             if let Err(e) = self.parse_one(input) {
                 errors.push(e);
-                self.incomplete = true;
                 skip_to_comma(input);
             }
             if input.is_empty() {
@@ -372,7 +369,6 @@ impl Args {
             }
             if let Err(e) = input.parse::<Token![,]>() {
                 errors.push(syn::Error::new(e.span(), "expected `,` between arguments"));
-                self.incomplete = true;
                 skip_to_comma(input);
                 let _ = input.parse::<Token![,]>();
             }
