@@ -627,7 +627,6 @@ fn generate(
             }
 
             impl #ty {
-                #[allow(clippy::let_unit_value)]
                 const fn __idem_payload_checked() -> #private::HandlerDescriptor
                 where
                     #payload_bound,
