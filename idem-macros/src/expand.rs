@@ -514,20 +514,11 @@ fn generate(
     // documented `assert_*::<T>()` (or the very type of the parameter):
     // rustc reports the bound once.
     let codec_ty = codec_type(args, krate);
-    let serde_codec = args
-        .codec
-        .as_ref()
-        .is_none_or(|c| matches!(c.value, Codec::Builtin(BuiltinCodec::Json)));
+    let codec = args.codec.as_ref().map(|c| &c.value);
     let payload_at = first_last(payload);
-    let (payload_bound, assert_payload) = if serde_codec {
-        let assert = respan(quote! { #private::assert_payload }, payload_at.0);
-        (
-            quote_spanned! {payload_span=> for<'__idem> #payload: #krate::Payload },
-            quote! { #assert::<#payload>(); },
-        )
-    } else {
-        // The codec at the payload's span (`This<C>` from its first token to
-        // its last): the bound is reported there, once.
+    // The codec's bound, at the payload's span (`This<C>` from its first
+    // token to its last): reported there, once.
+    let codec_check = || {
         let assert = respan(quote! { #private::assert_codec }, payload_at.0);
         let this = respan(quote! { #private::This< }, payload_at.0);
         let close = quote_spanned! {payload_at.1=> > };
@@ -535,6 +526,20 @@ fn generate(
             quote_spanned! {payload_span=> for<'__idem> #codec_ty: #krate::Codec<#payload> },
             quote! { #assert::<#payload, #this #codec_ty #close>(); },
         )
+    };
+    // A serde codec (JSON, MessagePack) checks `serde::Deserialize` first,
+    // with its advice; MessagePack's codec itself (its cargo feature) next.
+    let serde_check = || {
+        let assert = respan(quote! { #private::assert_payload }, payload_at.0);
+        (
+            quote_spanned! {payload_span=> for<'__idem> #payload: #krate::Payload },
+            quote! { #assert::<#payload>(); },
+        )
+    };
+    let ((payload_bound, assert_payload), codec_link) = match codec {
+        None | Some(Codec::Builtin(BuiltinCodec::Json)) => (serde_check(), None),
+        Some(Codec::Builtin(BuiltinCodec::MsgPack)) => (serde_check(), Some(codec_check())),
+        Some(Codec::Builtin(BuiltinCodec::Protobuf) | Codec::Custom(_)) => (codec_check(), None),
     };
     let at = |(first, last): (Span, Span), fn_name: &str| {
         let ty = respan(ty.to_token_stream(), first);
@@ -585,6 +590,44 @@ fn generate(
         }
     });
     let tx_used = tx.map(|t| keep_import_used(&t.written));
+    let (payload_checked, codec_checked, codec_bound) = match &codec_link {
+        None => (
+            quote! {
+                const fn __idem_payload_checked() -> #private::HandlerDescriptor
+                where
+                    #payload_bound,
+                {
+                    #check_store
+                }
+            },
+            None,
+            None,
+        ),
+        Some((bound, assert)) => {
+            let check_codec = at(payload_at, "__idem_codec_checked");
+            (
+                quote! {
+                    const fn __idem_payload_checked() -> #private::HandlerDescriptor
+                    where
+                        #payload_bound,
+                    {
+                        #assert
+                        #check_codec
+                    }
+                },
+                Some(quote! {
+                    const fn __idem_codec_checked() -> #private::HandlerDescriptor
+                    where
+                        #payload_bound,
+                        #bound,
+                    {
+                        #check_store
+                    }
+                }),
+                Some(quote! { #bound, }),
+            )
+        }
+    };
 
     quote! {
         #[doc(hidden)]
@@ -600,6 +643,7 @@ fn generate(
             impl #generics #krate::HandlerFn<#mode> for #ty
             where
                 #payload_bound,
+                #codec_bound
                 #store_bound,
             {
                 type Payload = #payload;
@@ -627,15 +671,12 @@ fn generate(
             }
 
             impl #ty {
-                const fn __idem_payload_checked() -> #private::HandlerDescriptor
-                where
-                    #payload_bound,
-                {
-                    #check_store
-                }
+                #payload_checked
+                #codec_checked
                 const fn __idem_store_checked #generics () -> #private::HandlerDescriptor
                 where
                     #payload_bound,
+                    #codec_bound
                     #store_bound,
                 {
                     #private::HandlerDescriptor::of::<#ty, #mode>()

@@ -26,7 +26,7 @@ macro_rules! handler {
         $ttl:literal, $lease:literal, $retries:literal, $backoff:literal,
         $dead_letter:literal, $ordered:literal, $name:literal, $fp:literal,
         $on_missing_key:literal, $on_in_progress:literal, $max_key_len:literal,
-        $krate:literal
+        $krate:literal, $codec:literal
     ) => {
         #[idem::idempotent(
             topic = $topic,
@@ -45,6 +45,7 @@ macro_rules! handler {
             on_in_progress = $on_in_progress,
             max_key_len = $max_key_len,
             crate = $krate,
+            codec = $codec,
         )]
         async fn $fn_name(order: OrderPlaced, tx: &mut idem::Tx<'_>) -> Result<(), AppError> {
             let _ = (order.amount, tx);
@@ -55,7 +56,7 @@ macro_rules! handler {
 
 handler!(
     literals, "orders", "order_id", "sqlite", "auto", "7d", "30s", 5, "100ms..30s",
-    "orders.dlq", true, "place-order", "amount", "dead_letter", "wait", 128, "idem"
+    "orders.dlq", true, "place-order", "amount", "dead_letter", "wait", 128, "idem", "json"
 );
 
 macro_rules! exprs {
