@@ -201,7 +201,9 @@ async fn changed_amount_is_a_conflict<S: idem::DedupStore<M>, M>(
     }
 }
 
-/// The two handlers of one store, and its two tests.
+/// The two handlers of one store, and its two tests. (rustfmt re-indents an
+/// attribute inside `macro_rules!` on every run: it is kept away.)
+#[rustfmt::skip]
 macro_rules! store_suite {
     ($module:ident, $store:literal, $default:literal, $by_amount:literal, $open:expr) => {
         mod $module {
@@ -213,13 +215,8 @@ macro_rules! store_suite {
                 Ok(())
             }
 
-            #[idempotent(
-                                                topic = "orders-by-amount",
-                                                key = "order_id",
-                                                store = $store,
-                                                name = $by_amount,
-                                                fingerprint = ["amount"]
-                                            )]
+            #[idempotent(topic = "orders-by-amount", key = "order_id", store = $store,
+                          name = $by_amount, fingerprint = ["amount"])]
             async fn by_amount(o: OrderPlaced) -> Result<(), String> {
                 apply($by_amount, &o);
                 Ok(())
