@@ -12,7 +12,7 @@ use syn::ItemFn;
 
 use crate::fallback;
 use crate::parse::{Args, BuiltinCodec, Codec, FieldPath, FieldSegment, KeySpec, Store};
-use crate::signature::{Param, Signature};
+use crate::signature::{BatchShape, Param, Signature};
 use crate::validate::{Errors, store_text, validate};
 
 pub(crate) fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -365,6 +365,9 @@ fn generate(
     if let Some(a) = args.ack {
         let ident = format_ident!("{}", a.value.ident());
         set.push(quote! { ack: #krate::AckMode::#ident });
+    } else if sig.batch.is_some() {
+        // A batch handler's only ack mode (validated).
+        set.push(quote! { ack: #krate::AckMode::Batch });
     }
     if let Some(t) = args.ttl {
         let d = ms(t.0);
@@ -488,16 +491,50 @@ fn generate(
     let call_span = fn_name.span();
     let [payload_arg, tx_arg, delivery_arg, ack_arg] =
         ["__payload", "__tx", "__delivery", "__ack"].map(|n| local(n, call_span));
-    let call = quote_spanned! {call_span=>
-        #[allow(unused_variables)]
-        fn call<'__a, '__c: '__a>(
-            &'__a self,
-            #payload_arg: #payload,
-            #tx_arg: &'__a mut <#store_ty as #krate::DedupStore<#mode>>::Tx<'__c>,
-            #delivery_arg: &'__a #krate::Delivery,
-            #ack_arg: #krate::Ack,
-        ) -> impl ::core::future::Future<Output = #output> + ::core::marker::Send + '__a {
-            #fn_name(#(#call_args),*)
+    // One message per call (`HandlerFn`), or a batch (`BatchHandlerFn`,
+    // handed over as the `Batch` itself or as its payloads).
+    let (call_trait, call, descriptor) = match &sig.batch {
+        None => (
+            quote! { HandlerFn },
+            quote_spanned! {call_span=>
+                #[allow(unused_variables)]
+                fn call<'__a, '__c: '__a>(
+                    &'__a self,
+                    #payload_arg: #payload,
+                    #tx_arg: &'__a mut <#store_ty as #krate::DedupStore<#mode>>::Tx<'__c>,
+                    #delivery_arg: &'__a #krate::Delivery,
+                    #ack_arg: #krate::Ack,
+                ) -> impl ::core::future::Future<Output = #output> + ::core::marker::Send + '__a {
+                    #fn_name(#(#call_args),*)
+                }
+            },
+            quote! { of },
+        ),
+        Some(batch) => {
+            let batch_args = sig.params.iter().map(|(p, span)| match p {
+                Param::Payload if batch.shape == BatchShape::Vec => {
+                    let p = local("__payload", *span);
+                    quote_spanned! {*span=> #p.into_payloads() }
+                }
+                Param::Payload => local("__payload", *span).into_token_stream(),
+                Param::Tx => local("__tx", *span).into_token_stream(),
+                // Rejected by validation for batch handlers.
+                Param::Ack | Param::Delivery => quote! {},
+            });
+            (
+                quote! { BatchHandlerFn },
+                quote_spanned! {call_span=>
+                    #[allow(unused_variables)]
+                    fn call<'__a, '__c: '__a>(
+                        &'__a self,
+                        #payload_arg: #krate::Batch<#payload>,
+                        #tx_arg: &'__a mut <#store_ty as #krate::DedupStore<#mode>>::Tx<'__c>,
+                    ) -> impl ::core::future::Future<Output = #output> + ::core::marker::Send + '__a {
+                        #fn_name(#(#batch_args),*)
+                    }
+                },
+                quote! { of_batch },
+            )
         }
     };
 
@@ -640,7 +677,18 @@ fn generate(
             #tx_used
             #same
 
-            impl #generics #krate::HandlerFn<#mode> for #ty
+            impl #generics #krate::#call_trait<#mode> for #ty
+            where
+                #payload_bound,
+                #codec_bound
+                #store_bound,
+            {
+                type Result = #output;
+
+                #call
+            }
+
+            impl #generics #krate::Handler<#mode> for #ty
             where
                 #payload_bound,
                 #codec_bound
@@ -649,7 +697,6 @@ fn generate(
                 type Payload = #payload;
                 type Store = #store_ty;
                 type Codec = #codec_ty;
-                type Result = #output;
                 const META: #krate::HandlerMeta = #krate::HandlerMeta {
                     name: #name,
                     name_is_default: #name_is_default,
@@ -666,8 +713,6 @@ fn generate(
                 }
 
                 #fingerprint
-
-                #call
             }
 
             impl #ty {
@@ -679,7 +724,7 @@ fn generate(
                     #codec_bound
                     #store_bound,
                 {
-                    #private::HandlerDescriptor::of::<#ty, #mode>()
+                    #private::HandlerDescriptor::#descriptor::<#ty, #mode>()
                 }
             }
 

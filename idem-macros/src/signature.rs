@@ -1,7 +1,8 @@
 //! What the handler's parameters and return type are. Parameters are
 //! recognised by their shape: `&mut T` is the store transaction, `Ack` the
 //! ack token, `&Delivery` the delivery, and the one by-value parameter left
-//! is the payload.
+//! is the payload. A payload of `Vec<T>` or `Batch<T>` makes a batch
+//! handler, whose messages are `T`s.
 
 use proc_macro2::{Span, TokenStream};
 use quote::ToTokens;
@@ -17,6 +18,46 @@ pub(crate) enum Param {
     Delivery,
 }
 
+/// How a batch handler takes its batch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BatchShape {
+    /// `Vec<T>`: the payloads.
+    Vec,
+    /// `idem::Batch<T>`: the payloads with their deliveries.
+    Batch,
+}
+
+/// A batch handler's payload parameter: the shape, and the type as written.
+pub(crate) struct BatchParam {
+    pub(crate) shape: BatchShape,
+    pub(crate) written: Type,
+}
+
+/// `Vec<T>` / `Batch<T>` (any path ending so, one type argument): the shape
+/// and `T`.
+fn batch_of(ty: &Type) -> Option<(BatchShape, Type)> {
+    let Type::Path(p) = ty else {
+        return match ty {
+            Type::Group(g) => batch_of(&g.elem),
+            Type::Paren(p) => batch_of(&p.elem),
+            _ => None,
+        };
+    };
+    let last = p.path.segments.last()?;
+    let shape = match last.ident.to_string().as_str() {
+        "Vec" => BatchShape::Vec,
+        "Batch" => BatchShape::Batch,
+        _ => return None,
+    };
+    let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    match args.args.iter().collect::<Vec<_>>().as_slice() {
+        [syn::GenericArgument::Type(t)] if p.qself.is_none() => Some((shape, t.clone())),
+        _ => None,
+    }
+}
+
 /// A parameter as written (`name: Type`), for errors that underline it.
 pub(crate) struct ParamLoc {
     pub(crate) tokens: TokenStream,
@@ -25,7 +66,12 @@ pub(crate) struct ParamLoc {
 pub(crate) struct Signature {
     /// The parameters in order, with their types' spans.
     pub(crate) params: Vec<(Param, Span)>,
+    /// The payload of one message (for a batch handler: the element type).
     pub(crate) payload: Option<Type>,
+    /// Set for a batch handler (`Vec<T>` / `Batch<T>` payload).
+    pub(crate) batch: Option<BatchParam>,
+    /// The `&Delivery` parameter, if any.
+    pub(crate) delivery: Option<ParamLoc>,
     pub(crate) tx: Option<ParamLoc>,
     pub(crate) ack: Option<ParamLoc>,
     pub(crate) output: Option<Type>,
@@ -60,6 +106,8 @@ impl Signature {
         let mut out = Signature {
             params: Vec::new(),
             payload: None,
+            batch: None,
+            delivery: None,
             tx: None,
             ack: None,
             output: None,
@@ -80,11 +128,10 @@ impl Signature {
             let loc = ParamLoc {
                 tokens: pat.to_token_stream(),
             };
-            let mut delivery = None;
             let (param, slot) = match ty {
                 Type::Reference(r) if r.mutability.is_some() => (Param::Tx, &mut out.tx),
                 Type::Reference(r) if last_segment_is(&r.elem, "Delivery") => {
-                    (Param::Delivery, &mut delivery)
+                    (Param::Delivery, &mut out.delivery)
                 }
                 Type::Reference(_) => {
                     errors.spanned(
@@ -102,7 +149,16 @@ impl Signature {
                         );
                         continue;
                     }
-                    out.payload = Some(ty.clone());
+                    match batch_of(ty) {
+                        Some((shape, elem)) => {
+                            out.payload = Some(elem);
+                            out.batch = Some(BatchParam {
+                                shape,
+                                written: ty.clone(),
+                            });
+                        }
+                        None => out.payload = Some(ty.clone()),
+                    }
                     out.params.push((Param::Payload, span));
                     continue;
                 }

@@ -78,6 +78,52 @@ pub(crate) fn store_text(store: &Store) -> String {
     }
 }
 
+/// A batch handler (`Vec<T>` / `Batch<T>`): it runs a fetched batch in one
+/// call, so its ack mode is `batch`, and it takes neither an `Ack` (one
+/// token cannot settle many messages) nor a `&Delivery` (`Batch<T>` carries
+/// each message's).
+fn validate_batch(
+    args: &Args,
+    sig: &Signature,
+    batch: &crate::signature::BatchParam,
+    errors: &mut Errors,
+) {
+    let written = quote::ToTokens::to_token_stream(&batch.written)
+        .to_string()
+        .replace(' ', "");
+    if let Some(ack) = args.ack
+        && ack.value != AckMode::Batch
+    {
+        errors.at(
+            ack.span,
+            format!(
+                "a batch handler (`{written}`) runs a fetched batch in one call and commits it once: \
+                 its ack mode is \"batch\" (the default for batch handlers); remove `ack = \"{}\"` \
+                 or take one message (`order: T`) per call",
+                ack.value.spelling()
+            ),
+        );
+    }
+    if let Some(ack) = &sig.ack {
+        errors.spanned(
+            &ack.tokens,
+            format!(
+                "a batch handler (`{written}`) takes no `Ack`: idem acks the batch's messages after \
+                 its commit; return `Err(idem::BatchError::at(index, e))` to fail one message"
+            ),
+        );
+    }
+    if let Some(delivery) = &sig.delivery {
+        errors.spanned(
+            &delivery.tokens,
+            format!(
+                "a batch handler takes no `&Delivery`: take the batch as `idem::Batch<T>` instead of \
+                 `{written}`, whose `iter()` gives each message with its delivery"
+            ),
+        );
+    }
+}
+
 /// Checks that need both the arguments and the signature. `attr` is the
 /// argument list, underlined by errors about an argument that is missing.
 pub(crate) fn validate(args: &Args, sig: &Signature, attr: &TokenStream, errors: &mut Errors) {
@@ -109,6 +155,10 @@ pub(crate) fn validate(args: &Args, sig: &Signature, attr: &TokenStream, errors:
                 store_text(&store.value)
             ),
         );
+    }
+    if let Some(batch) = &sig.batch {
+        validate_batch(args, sig, batch, errors);
+        return;
     }
     let ack = args.ack.map(|a| a.value).unwrap_or(AckMode::Auto);
     match (ack.is_manual(), &sig.ack) {

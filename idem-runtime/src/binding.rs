@@ -14,19 +14,28 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
-use crate::handler::{HandlerFn, HandlerMeta};
+use crate::handler::{BatchHandlerFn, Handler, HandlerFn, HandlerMeta};
 use crate::service::{BoxService, Service};
 use crate::store::{DedupStore, NoStore, StoreError};
 
-/// A handler bound to its store: what the pipeline runs.
-pub struct Bound<H: HandlerFn<M>, M> {
+/// A handler bound to its store: what the pipeline runs. `K` says how it
+/// is called: [`One`] message or a batch of [`Many`].
+pub struct Bound<H: Handler<M>, M, K = One> {
     pub(crate) handler: H,
     pub(crate) meta: &'static HandlerMeta,
-    pub(crate) store: Arc<<H as HandlerFn<M>>::Store>,
-    // `fn() -> M`: the mode is a type-level tag, never a value, and must not
-    // make the handler !Send or !Sync.
-    mode: PhantomData<fn() -> M>,
+    pub(crate) store: Arc<<H as Handler<M>>::Store>,
+    // `fn() -> _`: the mode and the shape are type-level tags, never values,
+    // and must not make the handler !Send or !Sync.
+    tags: PhantomData<fn() -> (M, K)>,
 }
+
+/// A [`HandlerFn`]: one message per call.
+#[derive(Debug)]
+pub enum One {}
+
+/// A [`BatchHandlerFn`]: a batch per call.
+#[derive(Debug)]
+pub enum Many {}
 
 /// A handler ready to run: its service, and the facts the loop settles by.
 pub(crate) struct Binding {
@@ -59,11 +68,24 @@ impl HandlerDescriptor {
     where
         H: HandlerFn<M> + Default,
         M: 'static,
-        Bound<H, M>: Service,
+        Bound<H, M, One>: Service,
     {
         HandlerDescriptor {
             meta: H::META,
-            bind: bind::<H, M>,
+            bind: bind::<H, M, One>,
+        }
+    }
+
+    /// The descriptor of batch handler `H` in store mode `M`.
+    pub const fn of_batch<H, M>() -> Self
+    where
+        H: BatchHandlerFn<M> + Default,
+        M: 'static,
+        Bound<H, M, Many>: Service,
+    {
+        HandlerDescriptor {
+            meta: H::META,
+            bind: bind::<H, M, Many>,
         }
     }
 
@@ -74,11 +96,12 @@ impl HandlerDescriptor {
 
 inventory::collect!(HandlerDescriptor);
 
-fn bind<H, M>(meta: &'static HandlerMeta, stores: &Stores) -> Result<Binding, BuildError>
+fn bind<H, M, K>(meta: &'static HandlerMeta, stores: &Stores) -> Result<Binding, BuildError>
 where
-    H: HandlerFn<M> + Default,
+    H: Handler<M> + Default,
     M: 'static,
-    Bound<H, M>: Service,
+    K: 'static,
+    Bound<H, M, K>: Service,
 {
     let store = stores
         .get::<H::Store>()
@@ -92,7 +115,7 @@ where
             handler: H::default(),
             meta,
             store,
-            mode: PhantomData,
+            tags: PhantomData,
         }),
         transactional: <H::Store as DedupStore<M>>::TRANSACTIONAL,
     })

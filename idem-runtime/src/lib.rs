@@ -46,7 +46,8 @@ pub use codec::{Codec, Json};
 pub use delivery::{Delivery, Headers, Receipt};
 pub use fingerprint::{Fingerprint, Fingerprinter};
 pub use handler::{
-    Backoff, HandlerFn, HandlerMeta, HandlerResult, OnInProgress, OnMissingKey, Payload,
+    Backoff, Batch, BatchError, BatchHandlerFn, BatchResult, Handler, HandlerFn, HandlerMeta,
+    HandlerResult, OnInProgress, OnMissingKey, Payload,
 };
 pub use key::{Key, KeyError, KeyExtractor};
 pub use metrics::Stats;

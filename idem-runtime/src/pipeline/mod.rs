@@ -9,6 +9,7 @@
 //! - [`policy`]: what a failure means (retry after how long, or give up).
 //! - [`layers`]: the built-in layers around every handler: tracing and counters.
 
+pub(crate) mod batch;
 pub(crate) mod guard;
 pub(crate) mod layers;
 pub(crate) mod policy;
@@ -24,7 +25,7 @@ use self::policy::RetryPolicy;
 use self::steps::{Called, Item, Stage};
 use crate::ack::AckMode;
 use crate::binding::Bound;
-use crate::handler::{HandlerFn, HandlerMeta};
+use crate::handler::{Handler, HandlerFn, HandlerMeta};
 use crate::service::{Attempt, Outcome, Service};
 use crate::store::{Claim, ClaimRequest, Claimed, DedupStore, StoreError};
 
@@ -45,35 +46,12 @@ impl<H: HandlerFn<M>, M: 'static> Service for Bound<H, M> {
 impl<H: HandlerFn<M>, M: 'static> Bound<H, M> {
     /// One unit of work: every attempt gets an outcome.
     async fn run(&self, attempts: &mut [Attempt<'_>]) {
-        // Decode and key.
-        let mut items: Vec<Item<H::Payload>> = Vec::with_capacity(attempts.len());
-        for (at, attempt) in attempts.iter_mut().enumerate() {
-            match steps::prepare(&self.handler, self.meta, attempt.delivery()) {
-                Ok(item) => items.push(item.at(at)),
-                Err(outcome) => attempt.set_outcome(outcome),
-            }
-        }
-        // A key twice in one batch (a producer retry fetched together with
-        // its original): only the first copy is claimed and run. The others
-        // wait for it like for any claim in progress, and then find the key
-        // done, or free again if the first copy failed.
-        if items.len() > 1 {
-            let mut seen = HashSet::with_capacity(items.len());
-            for item in &mut items {
-                if !seen.insert(item.key.as_str().to_owned()) {
-                    item.stage = Stage::Settled;
-                    attempts[item.at].set_outcome(Outcome::Busy {
-                        retry_after: Duration::ZERO,
-                    });
-                }
-            }
-            items.retain(|i| !matches!(i.stage, Stage::Settled));
-        }
+        let mut items = prepare_all(&self.handler, self.meta, attempts);
         if items.is_empty() {
             return;
         }
         if let Err(e) = self.claim_and_call(attempts, &mut items).await {
-            self.store_down(attempts, &items, &e);
+            store_down(attempts, &items, &e);
         }
     }
 
@@ -122,17 +100,6 @@ impl<H: HandlerFn<M>, M: 'static> Bound<H, M> {
         }
     }
 
-    /// Sets `StoreDown` on every item without an outcome.
-    fn store_down(&self, attempts: &mut [Attempt<'_>], items: &[Item<H::Payload>], e: &StoreError) {
-        for item in items {
-            if !matches!(item.stage, Stage::Settled) {
-                attempts[item.at].set_outcome(Outcome::StoreDown {
-                    error: e.to_string(),
-                });
-            }
-        }
-    }
-
     /// One transaction over the unit's `Ready` items: claims their keys,
     /// runs the new ones, and settles the claims. `Err`: the store failed;
     /// items still unsettled are `StoreDown`.
@@ -162,7 +129,7 @@ impl<H: HandlerFn<M>, M: 'static> Bound<H, M> {
             match claim {
                 Claim::New { token } => item.stage = Stage::Claimed { token },
                 other => {
-                    attempts[item.at].set_outcome(self.not_new(other, item));
+                    attempts[item.at].set_outcome(not_new(self.meta, other, item));
                     item.stage = Stage::Settled;
                 }
             }
@@ -317,26 +284,91 @@ impl<H: HandlerFn<M>, M: 'static> Bound<H, M> {
         items
             .iter()
             .filter(|item| stage(&item.stage))
-            .map(|item| ClaimRequest {
-                handler: self.meta.name,
-                key: &item.key,
-                fingerprint: item.fingerprint,
-                message_id: &attempts[item.at].delivery().id,
-                lease: self.meta.lease,
-                ttl: self.meta.ttl,
-            })
+            .map(|item| request(self.meta, attempts, item))
             .collect()
     }
+}
 
-    fn not_new(&self, claim: Claim, item: &Item<H::Payload>) -> Outcome {
-        match claim {
-            Claim::New { .. } => unreachable!("handled by the caller"),
-            Claim::Done { cached } => Outcome::Duplicate { cached },
-            Claim::InProgress { retry_after } => Outcome::Busy { retry_after },
-            Claim::Conflict { stored } => Outcome::Rejected {
-                reason: steps::conflict_reason(self.meta, &item.key, stored, item.fingerprint),
-            },
+/// Decode and key every attempt; an attempt that fails here gets its
+/// outcome. A key twice in one unit (a producer retry fetched together with
+/// its original): only the first copy goes on. The others wait for it like
+/// for any claim in progress, and then find the key done, or free again if
+/// the first copy failed.
+pub(crate) fn prepare_all<H: Handler<M>, M>(
+    handler: &H,
+    meta: &HandlerMeta,
+    attempts: &mut [Attempt<'_>],
+) -> Vec<Item<H::Payload>> {
+    let mut items: Vec<Item<H::Payload>> = Vec::with_capacity(attempts.len());
+    for (at, attempt) in attempts.iter_mut().enumerate() {
+        match steps::prepare(handler, meta, attempt.delivery()) {
+            Ok(item) => items.push(item.at(at)),
+            Err(outcome) => attempt.set_outcome(outcome),
         }
+    }
+    if items.len() > 1 {
+        let mut seen = HashSet::with_capacity(items.len());
+        for item in &mut items {
+            if !seen.insert(item.key.as_str().to_owned()) {
+                item.stage = Stage::Settled;
+                attempts[item.at].set_outcome(Outcome::Busy {
+                    retry_after: Duration::ZERO,
+                });
+            }
+        }
+        items.retain(|i| !matches!(i.stage, Stage::Settled));
+    }
+    items
+}
+
+/// Sets `StoreDown` on every item without an outcome.
+pub(crate) fn store_down<P>(attempts: &mut [Attempt<'_>], items: &[Item<P>], e: &StoreError) {
+    for item in items {
+        if !matches!(item.stage, Stage::Settled) {
+            attempts[item.at].set_outcome(Outcome::StoreDown {
+                error: e.to_string(),
+            });
+        }
+    }
+}
+
+/// One item's claim request.
+fn request<'r, P>(
+    meta: &HandlerMeta,
+    attempts: &'r [Attempt<'_>],
+    item: &'r Item<P>,
+) -> ClaimRequest<'r> {
+    ClaimRequest {
+        handler: meta.name,
+        key: &item.key,
+        fingerprint: item.fingerprint,
+        message_id: &attempts[item.at].delivery().id,
+        lease: meta.lease,
+        ttl: meta.ttl,
+    }
+}
+
+/// The claim requests of the items at `idx`, in that order.
+pub(crate) fn requests_of<'r, P>(
+    meta: &HandlerMeta,
+    attempts: &'r [Attempt<'_>],
+    items: &'r [Item<P>],
+    idx: &[usize],
+) -> Vec<ClaimRequest<'r>> {
+    idx.iter()
+        .map(|&i| request(meta, attempts, &items[i]))
+        .collect()
+}
+
+/// The outcome of a claim that did not make the key ours.
+pub(crate) fn not_new<P>(meta: &HandlerMeta, claim: Claim, item: &Item<P>) -> Outcome {
+    match claim {
+        Claim::New { .. } => unreachable!("handled by the caller"),
+        Claim::Done { cached } => Outcome::Duplicate { cached },
+        Claim::InProgress { retry_after } => Outcome::Busy { retry_after },
+        Claim::Conflict { stored } => Outcome::Rejected {
+            reason: steps::conflict_reason(meta, &item.key, stored, item.fingerprint),
+        },
     }
 }
 

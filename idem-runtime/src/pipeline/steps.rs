@@ -11,7 +11,7 @@ use crate::ack::{Ack, AckDecision, AckProbe};
 use crate::codec::Codec;
 use crate::delivery::Delivery;
 use crate::fingerprint::Fingerprint;
-use crate::handler::{HandlerFn, HandlerMeta, HandlerResult, OnMissingKey};
+use crate::handler::{Handler, HandlerFn, HandlerMeta, HandlerResult, OnMissingKey};
 use crate::key::Key;
 use crate::service::{Attempt, Outcome};
 use crate::store::DedupStore;
@@ -107,7 +107,7 @@ impl Called {
 
 /// Decode and key: an item ready to claim, or the outcome that ends the
 /// delivery here (dead letter; a rejected key with `on_missing_key = "reject"`).
-pub(crate) fn prepare<H: HandlerFn<M>, M>(
+pub(crate) fn prepare<H: Handler<M>, M>(
     handler: &H,
     meta: &HandlerMeta,
     d: &Delivery,
@@ -206,7 +206,7 @@ fn result_json<T: serde::Serialize>(output: &T) -> Option<String> {
     }
 }
 
-fn panic_message(panic: &(dyn Any + Send)) -> &str {
+pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> &str {
     panic
         .downcast_ref::<&str>()
         .copied()
