@@ -116,11 +116,19 @@ pub mod __private {
     #[allow(non_camel_case_types)]
     pub mod codecs {
         pub use crate::codec::Json;
+        #[cfg(feature = "msgpack")]
+        pub use crate::codec::MsgPack;
         /// Placeholder: enable the `msgpack` feature of idem.
+        #[cfg(not(feature = "msgpack"))]
         pub struct MsgPack_RequiresIdemFeature_msgpack;
+        #[cfg(feature = "protobuf")]
+        pub use crate::codec::Protobuf;
+        #[cfg(not(feature = "msgpack"))]
         pub use MsgPack_RequiresIdemFeature_msgpack as MsgPack;
         /// Placeholder: enable the `protobuf` feature of idem.
+        #[cfg(not(feature = "protobuf"))]
         pub struct Protobuf_RequiresIdemFeature_protobuf;
+        #[cfg(not(feature = "protobuf"))]
         pub use Protobuf_RequiresIdemFeature_protobuf as Protobuf;
     }
 
@@ -132,6 +140,4 @@ pub mod __private {
     pub const fn assert_codec<P, C: crate::codec::Codec<P>>() {}
     /// Compile-time check of the store type.
     pub const fn assert_store<S: crate::store::DedupStore<M>, M>() {}
-    /// Compile-time check of a key extractor.
-    pub fn assert_extractor<P, E: crate::key::KeyExtractor<P>>(_: &E) {}
 }
