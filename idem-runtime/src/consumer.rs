@@ -7,6 +7,7 @@
 //! knows nothing of stores: what a delivery came to arrives as an outcome.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -81,9 +82,31 @@ struct Ctx<Sub, Svc> {
     store_backoff: Backoff,
     /// Deliveries handed to tasks and not yet settled, to hand back to the
     /// broker if a shutdown has to abort their tasks.
-    unsettled: Mutex<HashMap<u64, Delivery>>,
+    unsettled: Mutex<HashMap<u64, Delivery, BySeq>>,
     next_seq: AtomicU64,
 }
+
+/// Hashes the loop's own sequence numbers: unique, made here, never chosen by
+/// anyone else, so a multiplication spreads them well enough and SipHash's
+/// protection against chosen keys buys nothing.
+#[derive(Default)]
+struct SeqHasher(u64);
+
+impl Hasher for SeqHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8 | u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type BySeq = BuildHasherDefault<SeqHasher>;
 
 /// A delivery on its way through the loop.
 struct Job {
@@ -369,7 +392,7 @@ pub(crate) async fn consume<Sub: Subscription, Svc: Service>(
         settle,
         stop: stop.clone(),
         store_backoff: cfg.store_backoff,
-        unsettled: Mutex::new(HashMap::new()),
+        unsettled: Mutex::new(HashMap::default()),
         next_seq: AtomicU64::new(0),
     });
     let semaphore = Arc::new(Semaphore::new(concurrency));

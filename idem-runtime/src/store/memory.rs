@@ -23,9 +23,13 @@ use crate::fingerprint::Fingerprint;
 /// ```
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    records: Mutex<HashMap<(String, String), Record>>,
+    records: Mutex<Records>,
     next_token: AtomicU64,
 }
+
+/// Records by handler, then by key: looked up with borrowed `&str`s, so a
+/// claim of a known key allocates nothing.
+type Records = HashMap<Box<str>, HashMap<Box<str>, Record>>;
 
 #[derive(Debug, Clone)]
 enum Record {
@@ -41,6 +45,16 @@ enum Record {
     },
 }
 
+impl Record {
+    /// Whether it still counts: a lease not run out, a done-record not expired.
+    fn live(&self, now: Instant) -> bool {
+        match self {
+            Record::InProgress { until, .. } => *until > now,
+            Record::Done { expires, .. } => expires.is_none_or(|e| e > now),
+        }
+    }
+}
+
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
@@ -50,7 +64,7 @@ impl MemoryStore {
     /// Number of records (in progress or done, expired ones included until
     /// they are touched or purged).
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().values().map(HashMap::len).sum()
     }
 
     /// Whether the store holds no records.
@@ -61,31 +75,23 @@ impl MemoryStore {
     /// Whether a done-record exists for this handler and key.
     pub fn is_done(&self, handler: &str, key: &str) -> bool {
         matches!(
-            self.lock().get(&(handler.to_owned(), key.to_owned())),
+            self.lock().get(handler).and_then(|keys| keys.get(key)),
             Some(Record::Done { .. })
         )
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Record>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Records> {
         // A panic while holding this lock cannot leave a record half-written
         // (every update is one insert/remove), so a poisoned lock is safe to use.
         crate::sync::lock(&self.records)
     }
 
-    fn claim_one(
-        &self,
-        map: &mut HashMap<(String, String), Record>,
-        req: &ClaimRequest<'_>,
-        now: Instant,
-    ) -> Claim {
-        let id = (req.handler.to_owned(), req.key.as_str().to_owned());
-        let live = match map.get(&id) {
-            Some(Record::InProgress { until, .. }) => *until > now,
-            Some(Record::Done { expires, .. }) => expires.is_none_or(|e| e > now),
-            None => false,
+    fn claim_one(&self, map: &mut Records, req: &ClaimRequest<'_>, now: Instant) -> Claim {
+        let keys = match map.get_mut(req.handler) {
+            Some(keys) => keys,
+            None => map.entry(req.handler.into()).or_default(),
         };
-        if live {
-            let record = &map[&id];
+        if let Some(record) = keys.get(req.key.as_str()).filter(|r| r.live(now)) {
             let (Record::InProgress { fingerprint, .. } | Record::Done { fingerprint, .. }) =
                 record;
             if let Some(conflict) = req.conflict_with(*fingerprint) {
@@ -101,26 +107,65 @@ impl MemoryStore {
             };
         }
         let token = self.next_token.fetch_add(1, Ordering::Relaxed) + 1;
-        map.insert(
-            id,
-            Record::InProgress {
-                token,
-                fingerprint: req.fingerprint,
-                until: now + req.lease,
-            },
-        );
+        let lease = Record::InProgress {
+            token,
+            fingerprint: req.fingerprint,
+            until: now + req.lease,
+        };
+        match keys.get_mut(req.key.as_str()) {
+            Some(expired) => *expired = lease,
+            None => {
+                keys.insert(req.key.as_str().into(), lease);
+            }
+        }
         Claim::New { token }
+    }
+
+    fn complete_one(map: &mut Records, c: &Claimed<'_>, now: Instant) {
+        let done = Record::Done {
+            fingerprint: c.request.fingerprint,
+            result: c.result.map(str::to_owned),
+            expires: c.request.ttl.map(|ttl| now + ttl),
+        };
+        let keys = match map.get_mut(c.request.handler) {
+            Some(keys) => keys,
+            None => map.entry(c.request.handler.into()).or_default(),
+        };
+        let Some(record) = keys.get_mut(c.request.key.as_str()) else {
+            keys.insert(c.request.key.as_str().into(), done);
+            return;
+        };
+        let ours = matches!(record, Record::InProgress { token, .. } if *token == c.token);
+        if ours {
+            *record = done;
+        } else if record.live(now) {
+            // Our lease ran out and another consumer holds the key, or has
+            // finished it: its record stays.
+            tracing::warn!(
+                handler = c.request.handler,
+                key = %c.request.key,
+                "lease lost before completion: another consumer took the key over and may have processed it too; raise `lease` above the handler's run time"
+            );
+        } else {
+            // Ran out and nobody took it: the effect is applied, record it.
+            tracing::warn!(
+                handler = c.request.handler,
+                key = %c.request.key,
+                "the lease ran out before completion; raise `lease` above the handler's run time"
+            );
+            *record = done;
+        }
     }
 
     fn release_leases(&self, claimed: &[Claimed<'_>]) {
         let mut map = self.lock();
         for c in claimed {
-            let id = (
-                c.request.handler.to_owned(),
-                c.request.key.as_str().to_owned(),
-            );
-            if matches!(map.get(&id), Some(Record::InProgress { token, .. }) if *token == c.token) {
-                map.remove(&id);
+            let Some(keys) = map.get_mut(c.request.handler) else {
+                continue;
+            };
+            if matches!(keys.get(c.request.key.as_str()), Some(Record::InProgress { token, .. }) if *token == c.token)
+            {
+                keys.remove(c.request.key.as_str());
             }
         }
     }
@@ -146,34 +191,15 @@ impl LeaseStore for MemoryStore {
     }
 
     async fn complete(&self, done: &Claimed<'_>) -> Result<(), StoreError> {
-        self.complete_all(std::slice::from_ref(done)).await
+        Self::complete_one(&mut self.lock(), done, Instant::now());
+        Ok(())
     }
 
     async fn complete_all(&self, done: &[Claimed<'_>]) -> Result<(), StoreError> {
         let now = Instant::now();
         let mut map = self.lock();
         for c in done {
-            let id = (
-                c.request.handler.to_owned(),
-                c.request.key.as_str().to_owned(),
-            );
-            let ours =
-                matches!(map.get(&id), Some(Record::InProgress { token, .. }) if *token == c.token);
-            if !ours {
-                tracing::warn!(
-                    handler = c.request.handler,
-                    key = %c.request.key,
-                    "lease lost before completion: another consumer may have processed this key too; raise `lease` above the handler's run time"
-                );
-            }
-            map.insert(
-                id,
-                Record::Done {
-                    fingerprint: c.request.fingerprint,
-                    result: c.result.map(str::to_owned),
-                    expires: c.request.ttl.map(|ttl| now + ttl),
-                },
-            );
+            Self::complete_one(&mut map, c, now);
         }
         Ok(())
     }
@@ -191,15 +217,22 @@ impl LeaseStore for MemoryStore {
     async fn purge_expired(&self, limit: u32) -> Result<u64, StoreError> {
         let now = Instant::now();
         let mut map = self.lock();
-        let expired: Vec<_> = map
-            .iter()
-            .filter(|(_, r)| matches!(r, Record::Done { expires: Some(e), .. } if *e <= now))
-            .map(|(k, _)| k.clone())
-            .take(limit as usize)
-            .collect();
-        for k in &expired {
-            map.remove(k);
+        let mut left = limit as usize;
+        for keys in map.values_mut() {
+            let expired: Vec<Box<str>> = keys
+                .iter()
+                .filter(|(_, r)| matches!(r, Record::Done { expires: Some(e), .. } if *e <= now))
+                .map(|(k, _)| k.clone())
+                .take(left)
+                .collect();
+            for k in &expired {
+                keys.remove(k);
+            }
+            left -= expired.len();
+            if left == 0 {
+                break;
+            }
         }
-        Ok(expired.len() as u64)
+        Ok(u64::from(limit) - left as u64)
     }
 }
