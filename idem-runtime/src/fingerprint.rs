@@ -7,7 +7,7 @@
 //! duplicate idem exists to absorb. A handler opts in with
 //! `fingerprint = ["amount", "currency"]` (a hash of those decoded fields)
 //! or with a key extractor that supplies a fingerprint
-//! ([`KeyExtractor::fingerprint`](crate::KeyExtractor::fingerprint)).
+//! ([`KeyExtractor::fingerprint`](crate::key::KeyExtractor::fingerprint)).
 //!
 //! The hash is persisted in dedup records, so it must never change between
 //! releases or processes: FNV-1a 64 is fixed by its definition, unlike

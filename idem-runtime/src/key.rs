@@ -9,6 +9,7 @@
 use std::fmt::{self, Write as _};
 
 use crate::delivery::Delivery;
+use crate::fingerprint::{Fingerprint, Fingerprinter};
 
 /// The longest key accepted by default, in bytes. Longer keys are an error
 /// (`KeyError::TooLong`), not truncated: truncation would merge distinct keys.
@@ -168,9 +169,9 @@ pub trait KeyExtractor<P>: Send + Sync + 'static {
     /// done key: a mismatch is a key conflict (dead-lettered). Default: none,
     /// so a done key is a duplicate whatever the payload. An extractor that
     /// normalises the key can normalise what it fingerprints the same way
-    /// (see [`Fingerprint::of`](crate::Fingerprint::of)). The attribute's
+    /// (see [`Fingerprint::of`](crate::fingerprint::Fingerprint::of)). The attribute's
     /// `fingerprint = [...]` takes precedence over this.
-    fn fingerprint(&self, delivery: &Delivery, payload: &P) -> Option<crate::Fingerprint> {
+    fn fingerprint(&self, delivery: &Delivery, payload: &P) -> Option<Fingerprint> {
         let _ = (delivery, payload);
         None
     }
@@ -194,14 +195,14 @@ macro_rules! tuple_extractors {
             }
 
             /// The parts' fingerprints combined, if any part has one.
-            fn fingerprint(&self, delivery: &Delivery, payload: &P) -> Option<crate::Fingerprint> {
+            fn fingerprint(&self, delivery: &Delivery, payload: &P) -> Option<Fingerprint> {
                 let parts = [$(self.$idx.fingerprint(delivery, payload)),+];
                 if parts.iter().all(Option::is_none) {
                     return None;
                 }
-                let mut f = crate::Fingerprinter::new();
+                let mut f = Fingerprinter::new();
                 for part in parts {
-                    f.bytes(&crate::Fingerprint::stored(part).to_le_bytes());
+                    f.bytes(&Fingerprint::stored(part).to_le_bytes());
                 }
                 Some(f.finish())
             }

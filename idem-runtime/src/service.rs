@@ -163,7 +163,7 @@ pub trait Service: Send + Sync + 'static {
 /// Wraps a service in another (tower's `Layer`, for idem's [`Service`]).
 ///
 /// A layer added with
-/// [`RuntimeBuilder::layer`](crate::RuntimeBuilder::layer) wraps every
+/// [`RuntimeBuilder::layer`](crate::runtime::RuntimeBuilder::layer) wraps every
 /// handler's service, outside the built-in tracing and counters layers.
 ///
 /// ```

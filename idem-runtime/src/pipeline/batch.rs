@@ -4,7 +4,7 @@
 //! is isolated: by the index the handler gave ([`BatchError::at`]), or by
 //! halving the batch, each part its own transaction, until it stands alone.
 //!
-//! [`BatchError::at`]: crate::BatchError::at
+//! [`BatchError::at`]: crate::handler::BatchError::at
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;

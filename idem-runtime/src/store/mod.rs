@@ -578,7 +578,7 @@ impl<T: TxStore> DedupStore<mode::Transactional> for T {
 /// short; returns how many it deleted. Each batch is its own short statement
 /// (SQL stores skip rows a consumer has locked), so no long lock is held.
 /// The runtime calls this periodically when
-/// [`RuntimeBuilder::purge_expired_every`](crate::RuntimeBuilder::purge_expired_every)
+/// [`RuntimeBuilder::purge_expired_every`](crate::runtime::RuntimeBuilder::purge_expired_every)
 /// is set; call it yourself from a maintenance job otherwise.
 ///
 /// ```
