@@ -53,9 +53,11 @@ pub use key::{Key, KeyError, KeyExtractor};
 pub use metrics::Stats;
 pub use runtime::{Registry, Runtime, RuntimeBuilder};
 pub use source::{DeadLetter, Source, SourceError, Subscription};
+#[cfg(feature = "mysql")]
+pub use store::mysql;
 #[cfg(feature = "postgres")]
 pub use store::postgres;
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub use store::sql::Tx;
 pub use store::{DedupStore, LeaseStore, NoStore, NoTx, StoreError, TxStore};
 pub use tokio_util::sync::CancellationToken;
@@ -96,9 +98,12 @@ pub mod __private {
         pub struct Postgres_RequiresIdemFeature_postgres;
         #[cfg(not(feature = "postgres"))]
         pub use Postgres_RequiresIdemFeature_postgres as Postgres;
-
+        #[cfg(feature = "mysql")]
+        pub use crate::store::mysql::MysqlStore as Mysql;
         /// Placeholder: enable the `mysql` feature of idem.
+        #[cfg(not(feature = "mysql"))]
         pub struct Mysql_RequiresIdemFeature_mysql;
+        #[cfg(not(feature = "mysql"))]
         pub use Mysql_RequiresIdemFeature_mysql as Mysql;
 
         #[cfg(feature = "redis")]

@@ -22,6 +22,17 @@
 //! Times (`created_at`, `expires_at`) are the server's clock, so consumers
 //! on machines with skewed clocks agree on expiry.
 //!
+//! Migrations run in one transaction holding a transaction-scoped advisory
+//! lock per table, so concurrent migrators wait for one another.
+//!
+//! Errors are classified by SQLSTATE: `42P01` (undefined table) and `3F000`
+//! (undefined schema) mean `migrate()` was not run; classes `08`
+//! (connection), `53` (insufficient resources), `57` (operator
+//! intervention: shutdown, cancel) and `58` (system / I/O), and `40001`
+//! (serialization failure), `40P01` (deadlock), `40003`, `55P03` (lock not
+//! available) and `25006` (read-only transaction: a standby after a
+//! failover) are transient; everything else is permanent.
+//!
 //! # Setup
 //!
 //! ```no_run
@@ -35,16 +46,103 @@
 //! # Ok(()) }
 //! ```
 
-use std::sync::Arc;
+use sqlx::error::DatabaseError;
+use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::{Postgres, Row};
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Executor, Postgres, Row};
-
-use super::sql::{Tx, map_err, validate_identifier};
-use super::{Claim, ClaimRequest, Claimed, StoreError, TxStore};
+use super::sql::{
+    Dialect, Failure, Migration, MigrationLog, Names, SqlStore, Statement, TWIN,
+    apply_migrations, connect, settled, ttl_millis, validate_identifier,
+};
+use super::{Claim, ClaimRequest, Claimed, StoreError};
 use crate::fingerprint::Fingerprint;
 
-const STORE: &str = "postgres";
+/// The schema and table when none are configured.
+pub const DEFAULT_SCHEMA: &str = "public";
+/// The dedup table when none is configured.
+pub const DEFAULT_TABLE: &str = super::sql::DEFAULT_TABLE;
+
+/// The PostgreSQL dedup store (see the [module](self) docs). Cheap to clone
+/// (a pool and shared statements).
+pub type PostgresStore = SqlStore<PostgresDialect>;
+
+/// PostgreSQL's [`Dialect`]: see the [module](self) docs.
+#[derive(Debug)]
+pub enum PostgresDialect {}
+
+/// The store's SQL, built once per (schema, table) from validated names.
+#[doc(hidden)]
+pub struct Statements {
+    claim: Statement,
+    lookup: Statement,
+    save_results: Statement,
+    unclaim: Statement,
+    purge: Statement,
+}
+
+/// Creates or upgrades the dedup table `public.idem_dedup` on `pool`;
+/// returns the migration versions it applied.
+/// Equivalent to `PostgresStore::new(pool.clone()).migrate()`; see
+/// [`SqlStore::migrate`].
+///
+/// ```no_run
+/// # async fn f(pool: sqlx::PgPool) -> Result<(), idem_runtime::StoreError> {
+/// idem_runtime::postgres::migrate(&pool).await?;
+/// # Ok(()) }
+/// ```
+pub async fn migrate(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
+    PostgresStore::new(pool.clone()).migrate().await
+}
+
+impl SqlStore<PostgresDialect> {
+    /// Connects a pool to `url` (`postgres://user:pass@host:port/db`). The
+    /// pool has 32 connections: a claim that waits on another consumer's
+    /// claim of the same key holds its connection while it waits, so give
+    /// the pool at least the runtime's concurrency. For other settings build
+    /// the pool yourself and use [`SqlStore::new`]. Errors never contain
+    /// the password.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Ok(Self::new(connect::<PostgresDialect>(url, 32).await?))
+    }
+
+    /// Uses another schema (validated: ASCII letters, digits, `_`).
+    /// [`migrate`](SqlStore::migrate) creates it if missing.
+    pub fn with_schema(self, schema: &str) -> Result<Self, StoreError> {
+        validate_identifier(PostgresDialect::STORE, schema)?;
+        let table = self.names().table.clone();
+        Ok(self.with_names(Some(schema), &table))
+    }
+
+    /// The claim statement as the store issues it (for benchmarks that
+    /// compare idem with a hand-written loop running the same SQL). It binds
+    /// five arrays: handlers, keys, fingerprints, message ids, TTLs in ms.
+    #[doc(hidden)]
+    pub fn claim_statement(&self) -> &str {
+        self.statements().claim.as_str()
+    }
+
+    /// Reads one committed record (the slow path of a claim that waited on
+    /// another transaction: its row was committed after our statement's
+    /// snapshot, so the claim statement could not see it).
+    async fn lookup(
+        &self,
+        conn: &mut PgConnection,
+        r: &ClaimRequest<'_>,
+    ) -> Result<Claim, StoreError> {
+        let row = sqlx::query(self.statements().lookup.sql())
+            .bind(r.handler)
+            .bind(r.key.as_str())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(match row {
+            Some(row) => settled(r, row.get(0), row.get(1)),
+            // Deleted meanwhile (purged, or the other claim was undone by a
+            // batch's unclaim): let the message come back and claim again.
+            None => TWIN,
+        })
+    }
+}
 
 /// How a claim transaction starts. `force_custom_plan`: the claim joins the
 /// keys with the dedup table, and a prepared statement's cached *generic*
@@ -56,45 +154,17 @@ const STORE: &str = "postgres";
 /// trip; `LOCAL` ends with the transaction.
 const BEGIN: &str = "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan";
 
-/// The schema and table when none are configured.
-pub const DEFAULT_SCHEMA: &str = "public";
-/// The dedup table when none is configured.
-pub const DEFAULT_TABLE: &str = "idem_dedup";
+impl Dialect for PostgresDialect {
+    type Db = Postgres;
+    type Statements = Statements;
+    const STORE: &'static str = "postgres";
+    const TYPE_NAME: &'static str = "PostgresStore";
+    const BEGIN: Option<&'static str> = Some(BEGIN);
+    const DEFAULT_SCHEMA: Option<&'static str> = Some(DEFAULT_SCHEMA);
 
-/// The PostgreSQL dedup store. Cheap to clone (a pool and shared statements).
-#[derive(Clone)]
-pub struct PostgresStore {
-    pool: PgPool,
-    sql: Arc<Statements>,
-}
-
-impl std::fmt::Debug for PostgresStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The pool's options hold the password: print the table only.
-        f.debug_struct("PostgresStore")
-            .field("table", &self.sql.qualified)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The store's SQL, built once per (schema, table) from validated names.
-struct Statements {
-    schema: String,
-    table: String,
-    qualified: String,
-    claim: Arc<str>,
-    lookup: Arc<str>,
-    save_results: Arc<str>,
-    unclaim: Arc<str>,
-    purge: Arc<str>,
-}
-
-impl Statements {
-    fn new(schema: &str, table: &str) -> Self {
-        let t = format!("{schema}.{table}");
+    fn statements(names: &Names) -> Statements {
+        let t = &names.qualified;
         Statements {
-            schema: schema.to_owned(),
-            table: table.to_owned(),
             // `first`: a key given twice in one call is claimed once; the
             // later copies report InProgress (their twin holds the claim).
             // `ins`: the claim proper, in key order so that two batches lock
@@ -142,253 +212,96 @@ impl Statements {
                    LIMIT $1 FOR UPDATE SKIP LOCKED))"
             )
             .into(),
-            qualified: t,
-        }
-    }
-}
-
-/// The store's versioned migrations: `(version, description, SQL)`. The SQL
-/// is built for the configured schema and table; versions only ever get
-/// appended. Applied versions are recorded in `<table>_migrations`.
-fn migrations(schema: &str, table: &str) -> [(i64, &'static str, String); 1] {
-    let t = format!("{schema}.{table}");
-    [(
-        1,
-        "create the dedup table",
-        format!(
-            "CREATE TABLE IF NOT EXISTS {t} ( \
-               handler     text        NOT NULL, \
-               key         text        NOT NULL, \
-               fingerprint bigint      NOT NULL, \
-               message_id  text        NOT NULL, \
-               result      text, \
-               created_at  timestamptz NOT NULL DEFAULT now(), \
-               expires_at  timestamptz, \
-               PRIMARY KEY (handler, key)); \
-             CREATE INDEX IF NOT EXISTS {table}_expires ON {t} (expires_at) WHERE expires_at IS NOT NULL;"
-        ),
-    )]
-}
-
-/// Creates or upgrades the dedup table `public.idem_dedup` on `pool`;
-/// returns the migration versions it applied.
-/// Equivalent to `PostgresStore::new(pool.clone()).migrate()`; see
-/// [`PostgresStore::migrate`].
-///
-/// ```no_run
-/// # async fn f(pool: sqlx::PgPool) -> Result<(), idem_runtime::StoreError> {
-/// idem_runtime::postgres::migrate(&pool).await?;
-/// # Ok(()) }
-/// ```
-pub async fn migrate(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
-    PostgresStore::new(pool.clone()).migrate().await
-}
-
-impl PostgresStore {
-    /// A store on an existing pool, with table `public.idem_dedup`.
-    pub fn new(pool: PgPool) -> Self {
-        PostgresStore {
-            pool,
-            sql: Arc::new(Statements::new(DEFAULT_SCHEMA, DEFAULT_TABLE)),
         }
     }
 
-    /// Connects a pool to `url` (`postgres://user:pass@host:port/db`). The
-    /// pool has 32 connections: a claim that waits on another consumer's
-    /// claim of the same key holds its connection while it waits, so give
-    /// the pool at least the runtime's concurrency. For other settings build
-    /// the pool yourself and use [`PostgresStore::new`]. Errors never contain
-    /// the password.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(32)
-            .connect(url)
-            .await
-            .map_err(|e| StoreError::Unavailable {
-                store: STORE,
-                source: format!(
-                    "cannot connect to {}: {}",
-                    crate::redact::RedactedUrl(url),
-                    crate::redact::redact_text(&e.to_string(), url)
-                )
-                .into(),
-            })?;
-        Ok(Self::new(pool))
-    }
-
-    /// Uses another schema (validated: ASCII letters, digits, `_`).
-    /// [`migrate`](Self::migrate) creates it if missing.
-    pub fn with_schema(self, schema: &str) -> Result<Self, StoreError> {
-        validate_identifier(STORE, schema)?;
-        let table = self.sql.table.clone();
-        Ok(self.with_names(schema, &table))
-    }
-
-    /// Uses another table name (validated: ASCII letters, digits, `_`).
-    pub fn with_table(self, table: &str) -> Result<Self, StoreError> {
-        validate_identifier(STORE, table)?;
-        // `<table>_migrations` must be a valid name too.
-        validate_identifier(STORE, &format!("{table}_migrations"))?;
-        let schema = self.sql.schema.clone();
-        Ok(self.with_names(&schema, table))
-    }
-
-    fn with_names(mut self, schema: &str, table: &str) -> Self {
-        self.sql = Arc::new(Statements::new(schema, table));
-        self
-    }
-
-    /// The pool, for the application's own queries.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
-    /// The claim statement as the store issues it (for benchmarks that
-    /// compare idem with a hand-written loop running the same SQL).
-    #[doc(hidden)]
-    pub fn claim_statement(&self) -> &str {
-        &self.sql.claim
-    }
-
-    /// The dedup table, schema-qualified (`public.idem_dedup`).
-    pub fn qualified_table(&self) -> &str {
-        &self.sql.qualified
-    }
-
-    /// Creates the schema if missing and applies the migrations not applied
-    /// yet, each in its own transaction, recording them in
-    /// `<table>_migrations`. Safe to call from several processes at once (a
-    /// transaction-scoped advisory lock serialises them) and on every
-    /// start-up. Returns the versions it applied.
-    pub async fn migrate(&self) -> Result<Vec<i64>, StoreError> {
-        let (schema, table) = (&self.sql.schema, &self.sql.table);
-        let log = format!("{schema}.{table}_migrations");
-        let setup = format!(
-            "CREATE SCHEMA IF NOT EXISTS {schema}; \
-             CREATE TABLE IF NOT EXISTS {log} ( \
-               version bigint PRIMARY KEY, description text NOT NULL, \
-               applied_at timestamptz NOT NULL DEFAULT now())"
+    /// One transaction: a transaction-scoped advisory lock per table (the
+    /// concurrent migrators wait on it), the schema, then the migrations.
+    async fn migrate(store: &PostgresStore) -> Result<Vec<i64>, StoreError> {
+        let names = store.names();
+        let (schema, table, t) = (
+            names.schema.as_deref().unwrap_or(DEFAULT_SCHEMA),
+            &names.table,
+            &names.qualified,
         );
-        let mut applied = Vec::new();
-        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
-        // One lock per table name; concurrent migrators wait here.
+        let log_table = names.migrations_log();
+        let log = MigrationLog {
+            create: format!(
+                "CREATE SCHEMA IF NOT EXISTS {schema}; \
+                 CREATE TABLE IF NOT EXISTS {log_table} ( \
+                   version bigint PRIMARY KEY, description text NOT NULL, \
+                   applied_at timestamptz NOT NULL DEFAULT now())"
+            ),
+            applied: format!("SELECT version FROM {log_table}"),
+            record: format!("INSERT INTO {log_table} (version, description) VALUES ($1, $2)"),
+        };
+        // Versions only ever get appended.
+        let migrations = vec![Migration {
+            version: 1,
+            description: "create the dedup table",
+            sql: format!(
+                "CREATE TABLE IF NOT EXISTS {t} ( \
+                   handler     text        NOT NULL, \
+                   key         text        NOT NULL, \
+                   fingerprint bigint      NOT NULL, \
+                   message_id  text        NOT NULL, \
+                   result      text, \
+                   created_at  timestamptz NOT NULL DEFAULT now(), \
+                   expires_at  timestamptz, \
+                   PRIMARY KEY (handler, key)); \
+                 CREATE INDEX IF NOT EXISTS {table}_expires ON {t} (expires_at) WHERE expires_at IS NOT NULL;"
+            ),
+        }];
+        let mut tx = store.pool().begin().await.map_err(|e| store.err(e))?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind(&log)
+            .bind(&log_table)
             .execute(&mut *tx)
             .await
-            .map_err(|e| self.err(e))?;
-        (&mut *tx)
-            .execute(sqlx::raw_sql(AssertSqlSafe(setup)))
+            .map_err(|e| store.err(e))?;
+        let applied = apply_migrations::<Postgres>(&mut tx, &log, migrations)
             .await
-            .map_err(|e| self.err(e))?;
-        let done: Vec<i64> =
-            sqlx::query_scalar(AssertSqlSafe(format!("SELECT version FROM {log}")))
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
-        for (version, description, ddl) in migrations(schema, table) {
-            if done.contains(&version) {
-                continue;
-            }
-            (&mut *tx)
-                .execute(sqlx::raw_sql(AssertSqlSafe(ddl)))
-                .await
-                .map_err(|e| self.err(e))?;
-            sqlx::query(AssertSqlSafe(format!(
-                "INSERT INTO {log} (version, description) VALUES ($1, $2)"
-            )))
-            .bind(version)
-            .bind(description)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.err(e))?;
-            applied.push(version);
-        }
-        tx.commit().await.map_err(|e| self.err(e))?;
+            .map_err(|e| store.err(e))?;
+        tx.commit().await.map_err(|e| store.err(e))?;
         Ok(applied)
     }
 
-    fn err(&self, e: sqlx::Error) -> StoreError {
-        map_err(STORE, &self.sql.qualified, e)
-    }
-
-    /// Reads one committed record (the slow path of a claim that waited on
-    /// another transaction: its row was committed after our statement's
-    /// snapshot, so the claim statement could not see it).
-    async fn lookup(
-        &self,
-        tx: &mut Tx<'_, Postgres>,
-        r: &ClaimRequest<'_>,
-    ) -> Result<Claim, StoreError> {
-        let row = sqlx::query(AssertSqlSafe(self.sql.lookup.clone()))
-            .bind(r.handler)
-            .bind(r.key.as_str())
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(match row {
-            Some(row) => done_or_conflict(r, row.get(0), row.get(1)),
-            // Deleted meanwhile (purged, or the other claim was undone by a
-            // batch's unclaim): let the message come back and claim again.
-            None => Claim::InProgress {
-                retry_after: std::time::Duration::ZERO,
-            },
-        })
-    }
-}
-
-fn done_or_conflict(r: &ClaimRequest<'_>, stored: i64, cached: Option<String>) -> Claim {
-    r.conflict_with(Fingerprint::from_stored(stored))
-        .unwrap_or(Claim::Done { cached })
-}
-
-impl TxStore for PostgresStore {
-    type Tx<'c> = Tx<'c, Postgres>;
-
-    fn kind(&self) -> &'static str {
-        STORE
-    }
-
-    async fn begin(&self) -> Result<Tx<'static, Postgres>, StoreError> {
-        let tx = self.pool.begin_with(BEGIN).await.map_err(|e| self.err(e))?;
-        Ok(Tx::new(tx))
-    }
-
     async fn claim(
-        &self,
-        tx: &mut Self::Tx<'_>,
+        store: &PostgresStore,
+        conn: &mut PgConnection,
         requests: &[ClaimRequest<'_>],
     ) -> Result<Vec<Claim>, StoreError> {
         let n = requests.len();
-        let mut handlers = Vec::with_capacity(n);
-        let mut keys = Vec::with_capacity(n);
-        let mut fingerprints = Vec::with_capacity(n);
-        let mut ids = Vec::with_capacity(n);
-        let mut ttls = Vec::with_capacity(n);
-        for r in requests {
-            handlers.push(r.handler);
-            keys.push(r.key.as_str());
-            fingerprints.push(Fingerprint::stored(r.fingerprint));
-            ids.push(r.message_id);
-            ttls.push(
-                r.ttl
-                    .map(|t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX)),
-            );
-        }
-        let rows = sqlx::query(AssertSqlSafe(self.sql.claim.clone()))
-            .bind(&handlers)
-            .bind(&keys)
-            .bind(&fingerprints)
-            .bind(&ids)
-            .bind(&ttls)
-            .fetch_all(&mut **tx)
+        let query = sqlx::query(store.statements().claim.sql());
+        // One key (the common case) binds arrays on the stack.
+        let query = if let [r] = requests {
+            query
+                .bind([r.handler])
+                .bind([r.key.as_str()])
+                .bind([Fingerprint::stored(r.fingerprint)])
+                .bind([r.message_id])
+                .bind([ttl_millis(r)])
+        } else {
+            query
+                .bind(requests.iter().map(|r| r.handler).collect::<Vec<_>>())
+                .bind(requests.iter().map(|r| r.key.as_str()).collect::<Vec<_>>())
+                .bind(
+                    requests
+                        .iter()
+                        .map(|r| Fingerprint::stored(r.fingerprint))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(requests.iter().map(|r| r.message_id).collect::<Vec<_>>())
+                .bind(requests.iter().map(ttl_millis).collect::<Vec<_>>())
+        };
+        let rows = query
+            .fetch_all(&mut *conn)
             .await
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| store.err(e))?;
         if rows.len() != n {
-            return Err(StoreError::Config {
-                store: STORE,
-                message: format!("claim statement returned {} rows for {n} keys", rows.len()),
-            });
+            return Err(store.config(format!(
+                "claim statement returned {} rows for {n} keys",
+                rows.len()
+            )));
         }
         let mut out = Vec::with_capacity(n);
         for (row, r) in rows.iter().zip(requests) {
@@ -396,84 +309,96 @@ impl TxStore for PostgresStore {
             let new: bool = row.get(1);
             let stored: Option<i64> = row.get(2);
             out.push(match (first, new, stored) {
-                (false, _, _) => Claim::InProgress {
-                    retry_after: std::time::Duration::ZERO,
-                },
+                (false, _, _) => TWIN,
                 (true, true, _) => Claim::New { token: 0 },
-                (true, false, Some(fp)) => done_or_conflict(r, fp, row.get(3)),
-                (true, false, None) => self.lookup(tx, r).await?,
+                (true, false, Some(fp)) => settled(r, fp, row.get(3)),
+                (true, false, None) => store.lookup(conn, r).await?,
             });
         }
         Ok(out)
     }
 
-    async fn commit(
-        &self,
-        mut tx: Tx<'static, Postgres>,
-        done: &[Claimed<'_>],
+    async fn save_results(
+        store: &PostgresStore,
+        conn: &mut PgConnection,
+        done: &[&Claimed<'_>],
     ) -> Result<(), StoreError> {
-        let with_result = done.iter().filter(|c| c.result.is_some()).count();
-        if with_result > 0 {
-            let mut handlers = Vec::with_capacity(with_result);
-            let mut keys = Vec::with_capacity(with_result);
-            let mut results = Vec::with_capacity(with_result);
-            for c in done {
-                if let Some(result) = c.result {
-                    handlers.push(c.request.handler);
-                    keys.push(c.request.key.as_str());
-                    results.push(result);
-                }
-            }
-            sqlx::query(AssertSqlSafe(self.sql.save_results.clone()))
-                .bind(&handlers)
-                .bind(&keys)
-                .bind(&results)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
-        }
-        tx.into_inner().commit().await.map_err(|e| self.err(e))
-    }
-
-    async fn rollback(&self, tx: Tx<'static, Postgres>) -> Result<(), StoreError> {
-        super::sql::rollback(tx).await.map_err(|e| self.err(e))
-    }
-
-    async fn unclaim(
-        &self,
-        tx: &mut Self::Tx<'_>,
-        claimed: &[Claimed<'_>],
-    ) -> Result<(), StoreError> {
-        if claimed.is_empty() {
-            return Ok(());
-        }
-        let handlers: Vec<&str> = claimed.iter().map(|c| c.request.handler).collect();
-        let keys: Vec<&str> = claimed.iter().map(|c| c.request.key.as_str()).collect();
-        sqlx::query(AssertSqlSafe(self.sql.unclaim.clone()))
-            .bind(&handlers)
-            .bind(&keys)
-            .execute(&mut **tx)
+        sqlx::query(store.statements().save_results.sql())
+            .bind(done.iter().map(|c| c.request.handler).collect::<Vec<_>>())
+            .bind(done.iter().map(|c| c.request.key.as_str()).collect::<Vec<_>>())
+            .bind(done.iter().map(|c| c.result).collect::<Vec<_>>())
+            .execute(conn)
             .await
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| store.err(e))?;
         Ok(())
     }
 
-    async fn savepoint<'t>(&self, tx: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, StoreError> {
-        super::sql::nested(tx).await.map_err(|e| self.err(e))
-    }
-
-    async fn end_savepoint(&self, tx: Self::Tx<'_>, keep: bool) -> Result<(), StoreError> {
-        super::sql::end_nested(tx, keep)
+    async fn unclaim(
+        store: &PostgresStore,
+        conn: &mut PgConnection,
+        claimed: &[Claimed<'_>],
+    ) -> Result<(), StoreError> {
+        sqlx::query(store.statements().unclaim.sql())
+            .bind(claimed.iter().map(|c| c.request.handler).collect::<Vec<_>>())
+            .bind(claimed.iter().map(|c| c.request.key.as_str()).collect::<Vec<_>>())
+            .execute(conn)
             .await
-            .map_err(|e| self.err(e))
+            .map_err(|e| store.err(e))?;
+        Ok(())
     }
 
-    async fn purge_expired(&self, limit: u32) -> Result<u64, StoreError> {
-        let done = sqlx::query(AssertSqlSafe(self.sql.purge.clone()))
+    async fn purge(store: &PostgresStore, limit: u32) -> Result<u64, StoreError> {
+        let done = sqlx::query(store.statements().purge.sql())
             .bind(i64::from(limit))
-            .execute(&self.pool)
+            .execute(store.pool())
             .await
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| store.err(e))?;
         Ok(done.rows_affected())
+    }
+
+    fn classify(error: &dyn DatabaseError) -> Failure {
+        classify(error.code().as_deref().unwrap_or(""))
+    }
+}
+
+/// PostgreSQL's table, by SQLSTATE (see the [module](self) docs).
+fn classify(sqlstate: &str) -> Failure {
+    match sqlstate {
+        "42P01" | "3F000" => Failure::MissingTable,
+        "40001" | "40P01" | "40003" | "55P03" | "25006" => Failure::Transient,
+        s if ["08", "53", "57", "58"].iter().any(|class| s.starts_with(class)) => {
+            Failure::Transient
+        }
+        _ => Failure::Permanent,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_classified_by_sqlstate() {
+        for (state, want) in [
+            ("42P01", Failure::MissingTable), // undefined_table
+            ("3F000", Failure::MissingTable), // invalid_schema_name
+            ("08006", Failure::Transient),    // connection_failure
+            ("08001", Failure::Transient),    // sqlclient_unable_to_establish_sqlconnection
+            ("40001", Failure::Transient),    // serialization_failure
+            ("40P01", Failure::Transient),    // deadlock_detected
+            ("53300", Failure::Transient),    // too_many_connections
+            ("57P01", Failure::Transient),    // admin_shutdown
+            ("57014", Failure::Transient),    // query_canceled
+            ("58030", Failure::Transient),    // io_error
+            ("55P03", Failure::Transient),    // lock_not_available
+            ("25006", Failure::Transient),    // read_only_sql_transaction
+            ("42501", Failure::Permanent),    // insufficient_privilege
+            ("42601", Failure::Permanent),    // syntax_error
+            ("23505", Failure::Permanent),    // unique_violation
+            ("22001", Failure::Permanent),    // string_data_right_truncation
+            ("", Failure::Permanent),
+        ] {
+            assert_eq!(classify(state), want, "{state}");
+        }
     }
 }

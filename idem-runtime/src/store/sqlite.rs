@@ -3,20 +3,38 @@
 //!
 //! Transactions start with `BEGIN IMMEDIATE`: SQLite has one writer, and
 //! taking the write lock up front avoids the deadlock of two deferred
-//! transactions both trying to upgrade (SQLITE_BUSY mid-transaction).
+//! transactions both trying to upgrade (SQLITE_BUSY mid-transaction). The
+//! same lock serialises concurrent migrators, and makes a claim racing
+//! another consumer's wait (up to the 30 s busy timeout of
+//! [`open`](SqliteStore::open)) until that one has committed or rolled back.
+//!
+//! Times are the process's clock (SQLite runs in it). A batch is claimed
+//! statement by statement: in-process, a statement costs no round trip.
+//!
+//! Errors are classified by SQLite's result codes: `SQLITE_BUSY`,
+//! `SQLITE_LOCKED`, `SQLITE_IOERR`, `SQLITE_FULL`, `SQLITE_NOMEM`,
+//! `SQLITE_CANTOPEN`, `SQLITE_PROTOCOL`, `SQLITE_SCHEMA` and
+//! `SQLITE_INTERRUPT` are transient; everything else is permanent. A
+//! missing table has no code of its own (it is the generic `SQLITE_ERROR`),
+//! so for that one code the message `no such table` is what tells it apart.
 
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{AssertSqlSafe, Row, Sqlite, SqlitePool};
+use sqlx::error::DatabaseError;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite};
 
-use super::sql::{Tx, map_err, validate_identifier};
-use super::{Claim, ClaimRequest, Claimed, StoreError, TxStore};
+use super::sql::{
+    Dialect, Failure, LockOrder, Migration, MigrationLog, Names, SqlStore, Statement, TWIN,
+    apply_migrations,
+    settled, ttl_millis,
+};
+use super::{Claim, ClaimRequest, Claimed, StoreError};
 use crate::fingerprint::Fingerprint;
-
-const STORE: &str = "sqlite";
 
 /// The SQLite dedup store.
 ///
@@ -27,67 +45,22 @@ const STORE: &str = "sqlite";
 /// store.migrate().await?;
 /// # Ok(()) }
 /// ```
-#[derive(Clone)]
-pub struct SqliteStore {
-    pool: SqlitePool,
-    sql: Arc<Statements>,
+pub type SqliteStore = SqlStore<SqliteDialect>;
+
+/// SQLite's [`Dialect`]: see the [module](self) docs.
+#[derive(Debug)]
+pub enum SqliteDialect {}
+
+#[doc(hidden)]
+pub struct Statements {
+    claim: Statement,
+    lookup: Statement,
+    save_result: Statement,
+    delete: Statement,
+    purge: Statement,
 }
 
-struct Statements {
-    table: String,
-    claim: Arc<str>,
-    lookup: Arc<str>,
-    save_result: Arc<str>,
-    delete: Arc<str>,
-    purge: Arc<str>,
-}
-
-impl Statements {
-    fn new(table: &str) -> Self {
-        Statements {
-            table: table.to_owned(),
-            claim: format!(
-                "INSERT INTO {table} (handler, key, fingerprint, message_id, created_at, expires_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
-                 ON CONFLICT (handler, key) DO UPDATE SET fingerprint = excluded.fingerprint, \
-                 message_id = excluded.message_id, result = NULL, created_at = excluded.created_at, \
-                 expires_at = excluded.expires_at \
-                 WHERE {table}.expires_at IS NOT NULL AND {table}.expires_at <= ?5 \
-                 RETURNING 1"
-            )
-            .into(),
-            lookup: format!("SELECT fingerprint, result FROM {table} WHERE handler = ?1 AND key = ?2").into(),
-            save_result: format!("UPDATE {table} SET result = ?3 WHERE handler = ?1 AND key = ?2").into(),
-            delete: format!("DELETE FROM {table} WHERE handler = ?1 AND key = ?2").into(),
-            purge: format!(
-                "DELETE FROM {table} WHERE rowid IN \
-                 (SELECT rowid FROM {table} WHERE expires_at IS NOT NULL AND expires_at <= ?1 LIMIT ?2)"
-            )
-            .into(),
-        }
-    }
-}
-
-impl std::fmt::Debug for SqliteStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore")
-            .field("table", &self.sql.table)
-            .finish_non_exhaustive()
-    }
-}
-
-impl SqliteStore {
-    /// The default dedup table name.
-    pub const DEFAULT_TABLE: &'static str = "idem_dedup";
-
-    /// A store on an existing pool, with the default table.
-    pub fn new(pool: SqlitePool) -> Self {
-        SqliteStore {
-            pool,
-            sql: Arc::new(Statements::new(Self::DEFAULT_TABLE)),
-        }
-    }
-
+impl SqlStore<SqliteDialect> {
     /// Opens (and creates if missing) a database at `url` (`sqlite://path`,
     /// `sqlite::memory:`, or a plain file path) with settings fit for a
     /// consumer: WAL journal, `synchronous = NORMAL`, a 30 s busy timeout.
@@ -100,7 +73,7 @@ impl SqliteStore {
         let memory = url.contains(":memory:");
         let options = SqliteConnectOptions::from_str(&url)
             .map_err(|e| StoreError::Config {
-                store: STORE,
+                store: SqliteDialect::STORE,
                 message: format!("bad SQLite URL {url:?}: {e}"),
             })?
             .create_if_missing(true)
@@ -117,164 +90,197 @@ impl SqliteStore {
             .max_connections(if memory { 1 } else { 4 })
             .connect_with(options)
             .await
-            .map_err(|e| StoreError::unavailable(STORE, e))?;
+            .map_err(|e| StoreError::unavailable(SqliteDialect::STORE, e))?;
         Ok(Self::new(pool))
     }
 
-    /// Uses another table name (validated: letters, digits, `_`).
-    pub fn with_table(mut self, table: &str) -> Result<Self, StoreError> {
-        validate_identifier(STORE, table)?;
-        self.sql = Arc::new(Statements::new(table));
-        Ok(self)
-    }
-
-    /// The pool, for the application's own queries.
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-
-    /// Creates the dedup table if it does not exist. Idempotent; call once at start-up.
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        let t = &self.sql.table;
-        let ddl = format!(
-            "CREATE TABLE IF NOT EXISTS {t} (\
-               handler TEXT NOT NULL, key TEXT NOT NULL, fingerprint INTEGER NOT NULL, \
-               message_id TEXT NOT NULL, result TEXT, created_at INTEGER NOT NULL, expires_at INTEGER, \
-               PRIMARY KEY (handler, key)); \
-             CREATE INDEX IF NOT EXISTS {t}_expires ON {t} (expires_at) WHERE expires_at IS NOT NULL;"
-        );
-        sqlx::raw_sql(AssertSqlSafe(ddl))
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(())
-    }
-
-    fn err(&self, e: sqlx::Error) -> StoreError {
-        map_err(STORE, &self.sql.table, e)
-    }
-
+    /// Claims one key: insert, or take over an expired row; otherwise read
+    /// the row that is there.
     async fn claim_one(
         &self,
-        tx: &mut Tx<'_, Sqlite>,
+        conn: &mut SqliteConnection,
         r: &ClaimRequest<'_>,
         now: i64,
     ) -> Result<Claim, StoreError> {
-        let expires = r.ttl.map(|ttl| now.saturating_add(ttl.as_millis() as i64));
-        let inserted = sqlx::query(AssertSqlSafe(self.sql.claim.clone()))
+        let sql = self.statements();
+        let expires = ttl_millis(r).map(|ttl| now.saturating_add(ttl));
+        let inserted = sqlx::query(sql.claim.sql())
             .bind(r.handler)
             .bind(r.key.as_str())
             .bind(Fingerprint::stored(r.fingerprint))
             .bind(r.message_id)
             .bind(now)
             .bind(expires)
-            .fetch_optional(&mut **tx)
+            .fetch_optional(&mut *conn)
             .await
             .map_err(|e| self.err(e))?;
         if inserted.is_some() {
             return Ok(Claim::New { token: 0 });
         }
-        let row = sqlx::query(AssertSqlSafe(self.sql.lookup.clone()))
+        let row = sqlx::query(sql.lookup.sql())
             .bind(r.handler)
             .bind(r.key.as_str())
-            .fetch_one(&mut **tx)
+            .fetch_one(&mut *conn)
             .await
             .map_err(|e| self.err(e))?;
-        if let Some(conflict) = r.conflict_with(Fingerprint::from_stored(row.get(0))) {
-            return Ok(conflict);
-        }
-        Ok(Claim::Done { cached: row.get(1) })
+        Ok(settled(r, row.get(0), row.get(1)))
     }
 }
 
-impl TxStore for SqliteStore {
-    type Tx<'c> = Tx<'c, Sqlite>;
+impl Dialect for SqliteDialect {
+    type Db = Sqlite;
+    type Statements = Statements;
+    const STORE: &'static str = "sqlite";
+    const TYPE_NAME: &'static str = "SqliteStore";
+    const BEGIN: Option<&'static str> = Some("BEGIN IMMEDIATE");
+    const DEFAULT_SCHEMA: Option<&'static str> = None;
 
-    fn kind(&self) -> &'static str {
-        STORE
+    fn statements(names: &Names) -> Statements {
+        let t = &names.qualified;
+        Statements {
+            claim: format!(
+                "INSERT INTO {t} (handler, key, fingerprint, message_id, created_at, expires_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                 ON CONFLICT (handler, key) DO UPDATE SET fingerprint = excluded.fingerprint, \
+                 message_id = excluded.message_id, result = NULL, created_at = excluded.created_at, \
+                 expires_at = excluded.expires_at \
+                 WHERE {t}.expires_at IS NOT NULL AND {t}.expires_at <= ?5 \
+                 RETURNING 1"
+            )
+            .into(),
+            lookup: format!("SELECT fingerprint, result FROM {t} WHERE handler = ?1 AND key = ?2")
+                .into(),
+            save_result: format!("UPDATE {t} SET result = ?3 WHERE handler = ?1 AND key = ?2")
+                .into(),
+            delete: format!("DELETE FROM {t} WHERE handler = ?1 AND key = ?2").into(),
+            purge: format!(
+                "DELETE FROM {t} WHERE rowid IN \
+                 (SELECT rowid FROM {t} WHERE expires_at IS NOT NULL AND expires_at <= ?1 LIMIT ?2)"
+            )
+            .into(),
+        }
     }
 
-    async fn begin(&self) -> Result<Tx<'static, Sqlite>, StoreError> {
-        let tx = self
-            .pool
+    /// `BEGIN IMMEDIATE` takes the database's write lock: concurrent
+    /// migrators wait for it, and DDL is transactional.
+    async fn migrate(store: &SqliteStore) -> Result<Vec<i64>, StoreError> {
+        let names = store.names();
+        let (t, table, log) = (&names.qualified, &names.table, names.migrations_log());
+        let log = MigrationLog {
+            create: format!(
+                "CREATE TABLE IF NOT EXISTS {log} (version INTEGER PRIMARY KEY, \
+                 description TEXT NOT NULL, applied_at INTEGER NOT NULL DEFAULT (CAST(strftime('%s', 'now') AS INTEGER)))"
+            ),
+            applied: format!("SELECT version FROM {log}"),
+            record: format!("INSERT INTO {log} (version, description) VALUES (?1, ?2)"),
+        };
+        let migrations = vec![Migration {
+            version: 1,
+            description: "create the dedup table",
+            sql: format!(
+                "CREATE TABLE IF NOT EXISTS {t} (\
+                   handler TEXT NOT NULL, key TEXT NOT NULL, fingerprint INTEGER NOT NULL, \
+                   message_id TEXT NOT NULL, result TEXT, created_at INTEGER NOT NULL, expires_at INTEGER, \
+                   PRIMARY KEY (handler, key)); \
+                 CREATE INDEX IF NOT EXISTS {table}_expires ON {t} (expires_at) WHERE expires_at IS NOT NULL;"
+            ),
+        }];
+        let mut tx = store
+            .pool()
             .begin_with("BEGIN IMMEDIATE")
             .await
-            .map_err(|e| self.err(e))?;
-        Ok(Tx::new(tx))
+            .map_err(|e| store.err(e))?;
+        let applied = apply_migrations::<Sqlite>(&mut tx, &log, migrations)
+            .await
+            .map_err(|e| store.err(e))?;
+        tx.commit().await.map_err(|e| store.err(e))?;
+        Ok(applied)
     }
 
-    // In-process: a statement costs no network round trip, so a batch is
-    // claimed statement by statement on the already-prepared query.
     async fn claim(
-        &self,
-        tx: &mut Self::Tx<'_>,
+        store: &SqliteStore,
+        conn: &mut SqliteConnection,
         requests: &[ClaimRequest<'_>],
     ) -> Result<Vec<Claim>, StoreError> {
         let now = now_millis();
-        let mut out = Vec::with_capacity(requests.len());
-        for r in requests {
-            out.push(self.claim_one(tx, r, now).await?);
+        if let [one] = requests {
+            return Ok(vec![store.claim_one(conn, one, now).await?]);
+        }
+        let mut out = vec![TWIN; requests.len()];
+        for &i in LockOrder::of(requests).indices() {
+            out[i] = store.claim_one(conn, &requests[i], now).await?;
         }
         Ok(out)
     }
 
-    async fn commit(
-        &self,
-        mut tx: Tx<'static, Sqlite>,
-        done: &[Claimed<'_>],
+    async fn save_results(
+        store: &SqliteStore,
+        conn: &mut SqliteConnection,
+        done: &[&Claimed<'_>],
     ) -> Result<(), StoreError> {
         for c in done {
-            if let Some(result) = c.result {
-                sqlx::query(AssertSqlSafe(self.sql.save_result.clone()))
-                    .bind(c.request.handler)
-                    .bind(c.request.key.as_str())
-                    .bind(result)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| self.err(e))?;
-            }
-        }
-        tx.into_inner().commit().await.map_err(|e| self.err(e))
-    }
-
-    async fn rollback(&self, tx: Tx<'static, Sqlite>) -> Result<(), StoreError> {
-        super::sql::rollback(tx).await.map_err(|e| self.err(e))
-    }
-
-    async fn unclaim(
-        &self,
-        tx: &mut Self::Tx<'_>,
-        claimed: &[Claimed<'_>],
-    ) -> Result<(), StoreError> {
-        for c in claimed {
-            sqlx::query(AssertSqlSafe(self.sql.delete.clone()))
+            sqlx::query(store.statements().save_result.sql())
                 .bind(c.request.handler)
                 .bind(c.request.key.as_str())
-                .execute(&mut **tx)
+                .bind(c.result)
+                .execute(&mut *conn)
                 .await
-                .map_err(|e| self.err(e))?;
+                .map_err(|e| store.err(e))?;
         }
         Ok(())
     }
 
-    async fn savepoint<'t>(&self, tx: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, StoreError> {
-        super::sql::nested(tx).await.map_err(|e| self.err(e))
+    async fn unclaim(
+        store: &SqliteStore,
+        conn: &mut SqliteConnection,
+        claimed: &[Claimed<'_>],
+    ) -> Result<(), StoreError> {
+        for c in claimed {
+            sqlx::query(store.statements().delete.sql())
+                .bind(c.request.handler)
+                .bind(c.request.key.as_str())
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| store.err(e))?;
+        }
+        Ok(())
     }
 
-    async fn end_savepoint(&self, tx: Self::Tx<'_>, keep: bool) -> Result<(), StoreError> {
-        super::sql::end_nested(tx, keep)
-            .await
-            .map_err(|e| self.err(e))
-    }
-
-    async fn purge_expired(&self, limit: u32) -> Result<u64, StoreError> {
-        let done = sqlx::query(AssertSqlSafe(self.sql.purge.clone()))
+    async fn purge(store: &SqliteStore, limit: u32) -> Result<u64, StoreError> {
+        let done = sqlx::query(store.statements().purge.sql())
             .bind(now_millis())
             .bind(i64::from(limit))
-            .execute(&self.pool)
+            .execute(store.pool())
             .await
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| store.err(e))?;
         Ok(done.rows_affected())
+    }
+
+    fn classify(error: &dyn DatabaseError) -> Failure {
+        let code = error.code().and_then(|c| c.parse().ok()).unwrap_or(0);
+        classify(code, error.message())
+    }
+}
+
+/// SQLite's table, by extended result code (its low byte is the primary
+/// code). See the [module](self) docs.
+fn classify(extended_code: i32, message: &str) -> Failure {
+    const ERROR: i32 = 1; // SQLITE_ERROR: generic; a missing table is one
+    const TRANSIENT: [i32; 9] = [
+        5,  // SQLITE_BUSY
+        6,  // SQLITE_LOCKED
+        7,  // SQLITE_NOMEM
+        9,  // SQLITE_INTERRUPT
+        10, // SQLITE_IOERR
+        13, // SQLITE_FULL
+        14, // SQLITE_CANTOPEN
+        15, // SQLITE_PROTOCOL
+        17, // SQLITE_SCHEMA
+    ];
+    match extended_code & 0xff {
+        ERROR if message.starts_with("no such table") => Failure::MissingTable,
+        code if TRANSIENT.contains(&code) => Failure::Transient,
+        _ => Failure::Permanent,
     }
 }
 
@@ -284,4 +290,25 @@ pub(crate) fn now_millis() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_classified_by_result_code() {
+        assert_eq!(classify(1, "no such table: idem_dedup"), Failure::MissingTable);
+        assert_eq!(classify(1, "near \"SELEC\": syntax error"), Failure::Permanent);
+        assert_eq!(classify(5, "database is locked"), Failure::Transient);
+        assert_eq!(classify(517, "database is locked"), Failure::Transient); // BUSY_SNAPSHOT
+        assert_eq!(classify(6, "database table is locked"), Failure::Transient);
+        assert_eq!(classify(266, "disk I/O error"), Failure::Transient); // IOERR_READ
+        assert_eq!(classify(13, "database or disk is full"), Failure::Transient);
+        assert_eq!(classify(8, "attempt to write a readonly database"), Failure::Permanent);
+        assert_eq!(classify(11, "database disk image is malformed"), Failure::Permanent);
+        assert_eq!(classify(2067, "UNIQUE constraint failed"), Failure::Permanent);
+        // The message decides only for the generic code.
+        assert_eq!(classify(8, "no such table: x"), Failure::Permanent);
+    }
 }

@@ -1,0 +1,62 @@
+//! Versioned migrations, applied the same way on every database: the
+//! dialect takes its lock and hands over a connection; this applies what is
+//! missing and records it.
+
+use sqlx::{AssertSqlSafe, Database, Executor, FromRow, IntoArguments};
+
+/// One schema change: its version (only ever appended), what it does, and
+/// its SQL (one or more statements).
+pub(crate) struct Migration {
+    pub(crate) version: i64,
+    pub(crate) description: &'static str,
+    pub(crate) sql: String,
+}
+
+/// The table recording applied versions, in the dialect's SQL.
+pub(crate) struct MigrationLog {
+    /// `CREATE TABLE IF NOT EXISTS <log> (version, description, applied_at)`
+    /// (and whatever must exist before it, such as the schema).
+    pub(crate) create: String,
+    /// `SELECT version FROM <log>`.
+    pub(crate) applied: String,
+    /// `INSERT INTO <log> (version, description) VALUES (<1>, <2>)`.
+    pub(crate) record: String,
+}
+
+/// Creates the log if missing and applies the migrations whose versions it
+/// does not hold, in order, recording each. The caller holds the lock that
+/// keeps other migrators out, and commits when the database has
+/// transactional DDL. Returns the versions applied.
+pub(crate) async fn apply_migrations<DB>(
+    conn: &mut DB::Connection,
+    log: &MigrationLog,
+    migrations: Vec<Migration>,
+) -> Result<Vec<i64>, sqlx::Error>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    (i64,): for<'r> FromRow<'r, DB::Row>,
+    i64: sqlx::Type<DB> + for<'q> sqlx::Encode<'q, DB>,
+    for<'s> &'s str: sqlx::Type<DB> + sqlx::Encode<'s, DB>,
+{
+    conn.execute(sqlx::raw_sql(AssertSqlSafe(log.create.clone())))
+        .await?;
+    let done: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(log.applied.clone()))
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut applied = Vec::new();
+    for m in migrations {
+        if done.contains(&m.version) {
+            continue;
+        }
+        conn.execute(sqlx::raw_sql(AssertSqlSafe(m.sql))).await?;
+        sqlx::query(AssertSqlSafe(log.record.clone()))
+            .bind(m.version)
+            .bind(m.description)
+            .execute(&mut *conn)
+            .await?;
+        applied.push(m.version);
+    }
+    Ok(applied)
+}
