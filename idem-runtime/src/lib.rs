@@ -96,10 +96,10 @@ pub mod __private {
         /// Placeholder: enable the `postgres` feature of idem.
         #[cfg(not(feature = "postgres"))]
         pub struct Postgres_RequiresIdemFeature_postgres;
-        #[cfg(not(feature = "postgres"))]
-        pub use Postgres_RequiresIdemFeature_postgres as Postgres;
         #[cfg(feature = "mysql")]
         pub use crate::store::mysql::MysqlStore as Mysql;
+        #[cfg(not(feature = "postgres"))]
+        pub use Postgres_RequiresIdemFeature_postgres as Postgres;
         /// Placeholder: enable the `mysql` feature of idem.
         #[cfg(not(feature = "mysql"))]
         pub struct Mysql_RequiresIdemFeature_mysql;

@@ -1,20 +1,38 @@
 //! PostgreSQL test helpers: a private schema per test on the shared server,
 //! a wire-level statement counter, and a private server that a test may stop
-//! and start. Loaded with `#[path = "common/pg.rs"] mod pg;`.
+//! and start. Loaded with `#[path = "common/pg.rs"] mod pg;`. It is one of
+//! the database modules the SQL store suite (`sql_suite.rs`) is stamped
+//! with: the items marked "suite" are what every such module provides.
 #![allow(dead_code, unreachable_pub)]
+
+#[path = "wire.rs"]
+mod wire;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use idem::store::postgres::PostgresStore;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use wire::cstr;
+pub use wire::{Wire, WireCounts};
+
+/// Suite: the sqlx database and the store.
+pub type Database = sqlx::Postgres;
+pub type Store = PostgresStore;
+
+/// Suite: what the claim statements contain (to count them on the wire).
+pub const CLAIM_SQL: &str = "unnest($1::text[], $2::text[], $3::int8[]";
+
+/// Suite: a URL with a password that cannot connect, and how it must show.
+pub const SECRET_URL: &str = "postgres://app:hunter2-secret@127.0.0.1:1/db";
+pub const REDACTED: &str = "app:***@127.0.0.1:1";
 
 /// `DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`.
 pub fn url() -> String {
@@ -93,6 +111,97 @@ impl Db {
             .await
             .expect("count dedup rows")
     }
+
+    /// Suite: all effect rows.
+    pub async fn effect_rows(&self) -> i64 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM effects")
+            .fetch_one(self.pool())
+            .await
+            .expect("count effects")
+    }
+
+    /// Suite: the `seq` of the one effect row of a handler.
+    pub async fn effect_seq(&self, handler: &str) -> i64 {
+        sqlx::query_scalar("SELECT seq::int8 FROM effects WHERE handler = $1")
+            .bind(handler)
+            .fetch_one(self.pool())
+            .await
+            .expect("read effect")
+    }
+
+    /// Suite: `expires_at - created_at` of a handler's row, in seconds.
+    pub async fn ttl_seconds(&self, handler: &str) -> f64 {
+        sqlx::query_scalar(
+            "SELECT EXTRACT(EPOCH FROM expires_at - created_at)::float8 FROM idem_dedup WHERE handler = $1 LIMIT 1",
+        )
+        .bind(handler)
+        .fetch_one(self.pool())
+        .await
+        .expect("read ttl")
+    }
+
+    /// Suite: makes rows expired a second ago (all, or one handler's).
+    pub async fn expire(&self, handler: Option<&str>) {
+        sqlx::query(
+            "UPDATE idem_dedup SET expires_at = now() - interval '1 second' WHERE $1::text IS NULL OR handler = $1",
+        )
+        .bind(handler)
+        .execute(self.pool())
+        .await
+        .expect("expire rows");
+    }
+
+    /// Suite: `n` rows of `handler` with keys `<prefix><i>`, expired a
+    /// minute ago or live for an hour.
+    pub async fn insert_rows(&self, handler: &str, prefix: &str, n: i32, expired: bool) {
+        sqlx::query(
+            "INSERT INTO idem_dedup (handler, key, fingerprint, message_id, expires_at) \
+             SELECT $1, $2 || i, 0, 'm', now() + CASE WHEN $4 THEN interval '-1 minute' ELSE interval '1 hour' END \
+             FROM generate_series(1, $3) i",
+        )
+        .bind(handler)
+        .bind(prefix)
+        .bind(n)
+        .bind(expired)
+        .execute(self.pool())
+        .await
+        .expect("insert rows");
+    }
+
+    /// Suite: the versions recorded in a migrations table.
+    pub async fn versions(&self, log: &str) -> Vec<i64> {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT version FROM {log}")))
+            .fetch_all(self.pool())
+            .await
+            .expect("read versions")
+    }
+
+    /// Suite: a store on this schema whose pool of `max_connections` goes
+    /// through a counting proxy.
+    pub async fn counting_store(&self, max_connections: u32) -> (PostgresStore, Wire) {
+        let (url, wire) = counting_proxy(&url()).await;
+        let store = PostgresStore::new(connect(&url, Some(&self.schema), max_connections).await)
+            .with_schema(&self.schema)
+            .expect("valid schema name");
+        (store, wire)
+    }
+
+    /// Suite: waits until some backend of the database waits on a lock.
+    pub async fn wait_for_lock_wait(&self) {
+        for _ in 0..500 {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
+            )
+            .fetch_one(self.pool())
+            .await
+            .unwrap();
+            if waiting > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the second claim never waited on the first one's row lock");
+    }
 }
 
 /// A pool on `url`, with `search_path` set to `schema` when given.
@@ -135,72 +244,12 @@ pub async fn insert_effect(
 // round trip; every `Bind` ('B') executes a prepared statement, whose SQL the
 // proxy learnt from the `Parse` ('P') before it.
 
-/// Counts round trips and statement executions between a pool and the server.
-#[derive(Clone, Default)]
-pub struct Wire {
-    inner: Arc<Mutex<WireCounts>>,
-}
-
-#[derive(Default, Debug, Clone)]
-pub struct WireCounts {
-    /// `Sync` + simple `Query` messages: round trips.
-    pub round_trips: u64,
-    /// Executions per SQL text (prepared: per `Bind`; simple: per `Query`).
-    pub executions: HashMap<String, u64>,
-}
-
-impl Wire {
-    pub fn snapshot(&self) -> WireCounts {
-        self.inner.lock().unwrap().clone()
-    }
-
-    /// Executions of statements whose SQL contains `needle`.
-    pub fn executions_of(&self, needle: &str) -> u64 {
-        self.inner
-            .lock()
-            .unwrap()
-            .executions
-            .iter()
-            .filter(|(sql, _)| sql.contains(needle))
-            .map(|(_, n)| n)
-            .sum()
-    }
-
-    pub fn round_trips(&self) -> u64 {
-        self.inner.lock().unwrap().round_trips
-    }
-}
-
 /// Starts a counting proxy to the server of `url`; returns the URL to use
 /// instead and the counter.
 pub async fn counting_proxy(url: &str) -> (String, Wire) {
     let options = PgConnectOptions::from_str(url).expect("postgres URL");
     let upstream = format!("{}:{}", options.get_host(), options.get_port());
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-    let port = listener.local_addr().unwrap().port();
-    let wire = Wire::default();
-    let counts = wire.clone();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let upstream = upstream.clone();
-            let counts = counts.clone();
-            tokio::spawn(async move {
-                let Ok(server) = TcpStream::connect(&upstream).await else {
-                    return;
-                };
-                // Without these, Nagle + delayed ACK add ~40 ms per message.
-                let _ = server.set_nodelay(true);
-                let _ = client.set_nodelay(true);
-                let (mut cr, mut cw) = client.into_split();
-                let (mut sr, mut sw) = server.into_split();
-                let down = tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
-                });
-                let _ = client_to_server(&mut cr, &mut sw, &counts).await;
-                down.abort();
-            });
-        }
-    });
+    let (port, wire) = wire::proxy::<PgWire>(upstream).await;
     let user = options.get_username();
     let db = options.get_database().unwrap_or("postgres");
     (
@@ -209,41 +258,46 @@ pub async fn counting_proxy(url: &str) -> (String, Wire) {
     )
 }
 
-async fn client_to_server(
-    from: &mut tokio::net::tcp::OwnedReadHalf,
-    to: &mut tokio::net::tcp::OwnedWriteHalf,
-    wire: &Wire,
-) -> std::io::Result<()> {
-    // Untyped start-up messages (SSLRequest / StartupMessage): length first.
-    loop {
-        let len = from.read_i32().await?;
-        let mut body = vec![0u8; (len - 4) as usize];
-        from.read_exact(&mut body).await?;
-        let mut frame = len.to_be_bytes().to_vec();
-        frame.extend_from_slice(&body);
-        to.write_all(&frame).await?;
-        let code = i32::from_be_bytes(body[..4].try_into().unwrap());
-        if code != 80877103 && code != 80877104 {
-            break; // the StartupMessage; typed messages follow
+/// The PostgreSQL protocol, client side: prepared statements are named.
+struct PgWire;
+
+impl wire::Protocol for PgWire {
+    type Conn = ();
+
+    async fn client_to_server(
+        mut from: OwnedReadHalf,
+        mut to: OwnedWriteHalf,
+        wire: Wire,
+        _conn: Arc<()>,
+    ) -> std::io::Result<()> {
+        // Untyped start-up messages (SSLRequest / StartupMessage): length first.
+        loop {
+            let len = from.read_i32().await?;
+            let mut body = vec![0u8; (len - 4) as usize];
+            from.read_exact(&mut body).await?;
+            let mut frame = len.to_be_bytes().to_vec();
+            frame.extend_from_slice(&body);
+            to.write_all(&frame).await?;
+            let code = i32::from_be_bytes(body[..4].try_into().unwrap());
+            if code != 80877103 && code != 80877104 {
+                break; // the StartupMessage; typed messages follow
+            }
         }
-    }
-    let mut statements: HashMap<String, String> = HashMap::new();
-    loop {
-        let tag = from.read_u8().await?;
-        let len = from.read_i32().await?;
-        let mut frame = Vec::with_capacity(len as usize + 1);
-        frame.push(tag);
-        frame.extend_from_slice(&len.to_be_bytes());
-        frame.resize(len as usize + 1, 0);
-        from.read_exact(&mut frame[5..]).await?;
-        let body = &frame[5..];
-        {
-            let mut w = wire.inner.lock().unwrap();
+        let mut statements: HashMap<String, String> = HashMap::new();
+        loop {
+            let tag = from.read_u8().await?;
+            let len = from.read_i32().await?;
+            let mut frame = Vec::with_capacity(len as usize + 1);
+            frame.push(tag);
+            frame.extend_from_slice(&len.to_be_bytes());
+            frame.resize(len as usize + 1, 0);
+            from.read_exact(&mut frame[5..]).await?;
+            let body = &frame[5..];
             match tag {
-                b'S' => w.round_trips += 1,
+                b'S' => wire.round_trip(),
                 b'Q' => {
-                    w.round_trips += 1;
-                    *w.executions.entry(cstr(body, 0).0).or_default() += 1;
+                    wire.round_trip();
+                    wire.executed(&cstr(body, 0).0);
                 }
                 b'P' => {
                     let (name, at) = cstr(body, 0);
@@ -254,26 +308,22 @@ async fn client_to_server(
                     let (_portal, at) = cstr(body, 0);
                     let (name, _) = cstr(body, at);
                     if let Some(sql) = statements.get(&name) {
-                        *w.executions.entry(sql.clone()).or_default() += 1;
+                        wire.executed(sql);
                     }
                 }
                 _ => {}
             }
+            to.write_all(&frame).await?;
         }
-        to.write_all(&frame).await?;
     }
-}
 
-/// The NUL-terminated string at `at`, and the offset after it.
-fn cstr(body: &[u8], at: usize) -> (String, usize) {
-    let end = body[at..]
-        .iter()
-        .position(|&b| b == 0)
-        .map_or(body.len(), |i| at + i);
-    (
-        String::from_utf8_lossy(&body[at..end]).into_owned(),
-        end + 1,
-    )
+    async fn server_to_client(
+        mut from: OwnedReadHalf,
+        mut to: OwnedWriteHalf,
+        _conn: Arc<()>,
+    ) -> std::io::Result<()> {
+        tokio::io::copy(&mut from, &mut to).await.map(|_| ())
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -111,7 +111,7 @@ pub struct Statements {
     claim_many: Statement,
     save_results: Statement,
     unclaim: Statement,
-    purge: Statement,
+    expired: Statement,
 }
 
 impl SqlStore<MysqlDialect> {
@@ -362,22 +362,26 @@ impl Dialect for MysqlDialect {
                 ),
             ) + "handler, `key`, claim_token, fingerprint, result")
                 .into(),
+            // Keys first, then their rows by primary key: a table scan (the
+            // optimizer's pick while the table is small) would lock, or wait
+            // on, every row it reads.
             save_results: format!(
-                "UPDATE {t} AS d JOIN {} ON {by_key} SET d.result = j.r",
+                "UPDATE {} STRAIGHT_JOIN {t} AS d FORCE INDEX (PRIMARY) ON {by_key} \
+                 SET d.result = j.r",
                 json_table("h TEXT PATH '$[0]', k TEXT PATH '$[1]', r LONGTEXT PATH '$[2]'")
             )
             .into(),
             unclaim: format!(
-                "DELETE d FROM {t} AS d JOIN {} ON {by_key}",
+                "DELETE d FROM {} STRAIGHT_JOIN {t} AS d FORCE INDEX (PRIMARY) ON {by_key}",
                 json_table("h TEXT PATH '$[0]', k TEXT PATH '$[1]'")
             )
             .into(),
             // SKIP LOCKED: never wait on (or block) a consumer's claim.
-            purge: format!(
-                "DELETE d FROM {t} AS d JOIN ( \
-                   SELECT handler, `key` FROM {t} WHERE expires_at <= UTC_TIMESTAMP(6) \
-                   LIMIT ? FOR UPDATE SKIP LOCKED) AS x \
-                 ON d.handler = x.handler AND d.`key` = x.`key`"
+            // (A DELETE cannot skip locked rows itself, nor through a
+            // subquery: MariaDB waits on them there.)
+            expired: format!(
+                "SELECT handler, `key` FROM {t} WHERE expires_at <= UTC_TIMESTAMP(6) \
+                 LIMIT ? FOR UPDATE SKIP LOCKED"
             )
             .into(),
         }
@@ -500,34 +504,42 @@ impl Dialect for MysqlDialect {
         conn: &mut MySqlConnection,
         claimed: &[Claimed<'_>],
     ) -> Result<(), StoreError> {
-        let mut rows = JsonRows::with_capacity(claimed.len() * 48);
-        for c in claimed {
-            rows.row(|row| {
-                row.text(c.request.handler);
-                row.text(c.request.key.as_str());
-            });
-        }
-        sqlx::query(store.statements().unclaim.sql())
-            .bind(rows.finish())
-            .execute(conn)
-            .await
-            .map_err(|e| store.err(e))?;
+        let keys = claimed
+            .iter()
+            .map(|c| (c.request.handler, c.request.key.as_str()));
+        delete_keys(store, conn, keys, claimed.len()).await?;
         Ok(())
     }
 
-    /// `READ COMMITTED` for the one statement: no gap locks, so consumers
-    /// inserting new rows never wait on a purge.
+    /// One short `READ COMMITTED` transaction (no gap locks, so consumers
+    /// inserting new rows never wait on a purge): lock up to `limit` expired
+    /// rows no consumer holds, delete them.
     async fn purge(store: &MysqlStore, limit: u32) -> Result<u64, StoreError> {
         let mut conn = store.pool().acquire().await.map_err(|e| store.err(e))?;
         conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             .await
             .map_err(|e| store.err(e))?;
-        let done = sqlx::query(store.statements().purge.sql())
-            .bind(limit)
-            .execute(&mut *conn)
+        let mut tx = sqlx::Acquire::begin(&mut *conn)
             .await
             .map_err(|e| store.err(e))?;
-        Ok(done.rows_affected())
+        let expired = sqlx::query(store.statements().expired.sql())
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| store.err(e))?;
+        if expired.is_empty() {
+            tx.commit().await.map_err(|e| store.err(e))?;
+            return Ok(0);
+        }
+        let done = delete_keys(
+            store,
+            &mut tx,
+            expired.iter().map(|row| (row.get(0), row.get(1))),
+            expired.len(),
+        )
+        .await?;
+        tx.commit().await.map_err(|e| store.err(e))?;
+        Ok(done)
     }
 
     fn classify(error: &dyn DatabaseError) -> Failure {
@@ -536,6 +548,29 @@ impl Dialect for MysqlDialect {
             .map_or(0, MySqlDatabaseError::number);
         classify(number, error.code().as_deref().unwrap_or(""))
     }
+}
+
+/// Deletes the rows of these `(handler, key)`s in one statement; returns
+/// how many it deleted.
+async fn delete_keys<'k>(
+    store: &MysqlStore,
+    conn: &mut MySqlConnection,
+    keys: impl Iterator<Item = (&'k str, &'k str)>,
+    count: usize,
+) -> Result<u64, StoreError> {
+    let mut rows = JsonRows::with_capacity(count * 48);
+    for (handler, key) in keys {
+        rows.row(|row| {
+            row.text(handler);
+            row.text(key);
+        });
+    }
+    let done = sqlx::query(store.statements().unclaim.sql())
+        .bind(rows.finish())
+        .execute(conn)
+        .await
+        .map_err(|e| store.err(e))?;
+    Ok(done.rows_affected())
 }
 
 /// `Err(why)` unless `version` (`SELECT VERSION()`) is MariaDB 10.6 or later.
@@ -632,7 +667,11 @@ mod tests {
         assert!(check_server("10.11.19-MariaDB-0+deb12u1").is_ok());
         assert!(check_server("10.6.0-MariaDB").is_ok());
         assert!(check_server("11.4.2-MariaDB-log").is_ok());
-        assert!(check_server("10.5.9-MariaDB").unwrap_err().contains("too old"));
+        assert!(
+            check_server("10.5.9-MariaDB")
+                .unwrap_err()
+                .contains("too old")
+        );
         assert!(check_server("8.0.36").unwrap_err().contains("MySQL"));
         assert!(check_server("5.5.5-10.11.2-MariaDB").is_ok());
     }

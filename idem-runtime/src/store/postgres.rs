@@ -51,8 +51,8 @@ use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::{Postgres, Row};
 
 use super::sql::{
-    Dialect, Failure, Migration, MigrationLog, Names, SqlStore, Statement, TWIN,
-    apply_migrations, connect, settled, ttl_millis, validate_identifier,
+    Dialect, Failure, Migration, MigrationLog, Names, SqlStore, Statement, TWIN, apply_migrations,
+    connect, settled, ttl_millis, validate_identifier,
 };
 use super::{Claim, ClaimRequest, Claimed, StoreError};
 use crate::fingerprint::Fingerprint;
@@ -325,7 +325,11 @@ impl Dialect for PostgresDialect {
     ) -> Result<(), StoreError> {
         sqlx::query(store.statements().save_results.sql())
             .bind(done.iter().map(|c| c.request.handler).collect::<Vec<_>>())
-            .bind(done.iter().map(|c| c.request.key.as_str()).collect::<Vec<_>>())
+            .bind(
+                done.iter()
+                    .map(|c| c.request.key.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .bind(done.iter().map(|c| c.result).collect::<Vec<_>>())
             .execute(conn)
             .await
@@ -339,8 +343,18 @@ impl Dialect for PostgresDialect {
         claimed: &[Claimed<'_>],
     ) -> Result<(), StoreError> {
         sqlx::query(store.statements().unclaim.sql())
-            .bind(claimed.iter().map(|c| c.request.handler).collect::<Vec<_>>())
-            .bind(claimed.iter().map(|c| c.request.key.as_str()).collect::<Vec<_>>())
+            .bind(
+                claimed
+                    .iter()
+                    .map(|c| c.request.handler)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                claimed
+                    .iter()
+                    .map(|c| c.request.key.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .execute(conn)
             .await
             .map_err(|e| store.err(e))?;
@@ -366,7 +380,10 @@ fn classify(sqlstate: &str) -> Failure {
     match sqlstate {
         "42P01" | "3F000" => Failure::MissingTable,
         "40001" | "40P01" | "40003" | "55P03" | "25006" => Failure::Transient,
-        s if ["08", "53", "57", "58"].iter().any(|class| s.starts_with(class)) => {
+        s if ["08", "53", "57", "58"]
+            .iter()
+            .any(|class| s.starts_with(class)) =>
+        {
             Failure::Transient
         }
         _ => Failure::Permanent,

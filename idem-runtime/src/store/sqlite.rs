@@ -23,15 +23,13 @@ use std::time::Duration;
 
 use sqlx::error::DatabaseError;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite};
 
 use super::sql::{
     Dialect, Failure, LockOrder, Migration, MigrationLog, Names, SqlStore, Statement, TWIN,
-    apply_migrations,
-    settled, ttl_millis,
+    apply_migrations, settled, ttl_millis,
 };
 use super::{Claim, ClaimRequest, Claimed, StoreError};
 use crate::fingerprint::Fingerprint;
@@ -298,16 +296,31 @@ mod tests {
 
     #[test]
     fn errors_are_classified_by_result_code() {
-        assert_eq!(classify(1, "no such table: idem_dedup"), Failure::MissingTable);
-        assert_eq!(classify(1, "near \"SELEC\": syntax error"), Failure::Permanent);
+        assert_eq!(
+            classify(1, "no such table: idem_dedup"),
+            Failure::MissingTable
+        );
+        assert_eq!(
+            classify(1, "near \"SELEC\": syntax error"),
+            Failure::Permanent
+        );
         assert_eq!(classify(5, "database is locked"), Failure::Transient);
         assert_eq!(classify(517, "database is locked"), Failure::Transient); // BUSY_SNAPSHOT
         assert_eq!(classify(6, "database table is locked"), Failure::Transient);
         assert_eq!(classify(266, "disk I/O error"), Failure::Transient); // IOERR_READ
         assert_eq!(classify(13, "database or disk is full"), Failure::Transient);
-        assert_eq!(classify(8, "attempt to write a readonly database"), Failure::Permanent);
-        assert_eq!(classify(11, "database disk image is malformed"), Failure::Permanent);
-        assert_eq!(classify(2067, "UNIQUE constraint failed"), Failure::Permanent);
+        assert_eq!(
+            classify(8, "attempt to write a readonly database"),
+            Failure::Permanent
+        );
+        assert_eq!(
+            classify(11, "database disk image is malformed"),
+            Failure::Permanent
+        );
+        assert_eq!(
+            classify(2067, "UNIQUE constraint failed"),
+            Failure::Permanent
+        );
         // The message decides only for the generic code.
         assert_eq!(classify(8, "no such table: x"), Failure::Permanent);
     }

@@ -70,7 +70,12 @@ mod tests {
         let order = LockOrder::of(&requests);
         assert_eq!(order.indices(), &[1, 0, 3]);
         #[cfg(feature = "mysql")]
-        for (handler, key, want) in [("h", "b", Some(0)), ("h", "c", Some(3)), ("h", "d", None), ("g", "a", None)] {
+        for (handler, key, want) in [
+            ("h", "b", Some(0)),
+            ("h", "c", Some(3)),
+            ("h", "d", None),
+            ("g", "a", None),
+        ] {
             assert_eq!(order.find(&requests, handler, key), want);
         }
     }

@@ -90,7 +90,8 @@ mod tests {
     }
 
     fn by_fake(e: &dyn DatabaseError) -> Failure {
-        e.try_downcast_ref::<Fake>().map_or(Failure::Permanent, |f| f.0)
+        e.try_downcast_ref::<Fake>()
+            .map_or(Failure::Permanent, |f| f.0)
     }
 
     fn map(e: sqlx::Error) -> StoreError {
@@ -100,11 +101,17 @@ mod tests {
     #[test]
     fn each_failure_maps_to_its_store_error() {
         let e = map(sqlx::Error::Database(Box::new(Fake(Failure::MissingTable))));
-        assert!(matches!(&e, StoreError::Config { message, .. } if message.contains("migrate()")), "{e}");
+        assert!(
+            matches!(&e, StoreError::Config { message, .. } if message.contains("migrate()")),
+            "{e}"
+        );
         let e = map(sqlx::Error::Database(Box::new(Fake(Failure::Transient))));
         assert!(matches!(e, StoreError::Unavailable { .. }), "{e}");
         let e = map(sqlx::Error::Database(Box::new(Fake(Failure::Permanent))));
-        assert!(matches!(&e, StoreError::Config { message, .. } if message.contains("fake Permanent")), "{e}");
+        assert!(
+            matches!(&e, StoreError::Config { message, .. } if message.contains("fake Permanent")),
+            "{e}"
+        );
     }
 
     #[test]

@@ -67,9 +67,8 @@ pub trait Dialect: sealed::Sealed + Send + Sync + Sized + 'static {
 
     /// Applies the migrations not applied yet, under the dialect's lock.
     #[doc(hidden)]
-    fn migrate(
-        store: &SqlStore<Self>,
-    ) -> impl Future<Output = Result<Vec<i64>, StoreError>> + Send;
+    fn migrate(store: &SqlStore<Self>)
+    -> impl Future<Output = Result<Vec<i64>, StoreError>> + Send;
 
     /// Claims all keys in one round trip (SQLite: in-process, one statement
     /// per key). A key given twice is claimed once, the copies answer
@@ -354,7 +353,11 @@ impl<D: Dialect> TxStore for SqlStore<D> {
         D::claim(self, tx.conn(), requests).await
     }
 
-    async fn commit(&self, mut tx: Tx<'static, D::Db>, done: &[Claimed<'_>]) -> Result<(), StoreError> {
+    async fn commit(
+        &self,
+        mut tx: Tx<'static, D::Db>,
+        done: &[Claimed<'_>],
+    ) -> Result<(), StoreError> {
         if done.iter().any(|c| c.result.is_some()) {
             let with_result: Vec<&Claimed<'_>> =
                 done.iter().filter(|c| c.result.is_some()).collect();
