@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Makes sure the servers the test suite talks to are up: PostgreSQL, Redis,
-# RabbitMQ, NATS (JetStream) and a Kafka-compatible broker (tansu). For each
+# Makes sure the servers the test suite talks to are up: PostgreSQL, MariaDB,
+# Redis, RabbitMQ, NATS (JetStream) and a Kafka-compatible broker (tansu). For each
 # one: if it answers, nothing is done; if it is installed but stopped, it is
 # started; if it is not installed, it is installed (Debian's packages; tansu
 # with cargo install) and started. Exits non-zero when a server
 # still does not answer: the server-backed tests must fail, never skip.
 #
 # Addresses come from the same env vars the tests read (defaults in brackets):
-# DATABASE_URL [postgres://postgres@127.0.0.1:5432/postgres], REDIS_URL
+# DATABASE_URL [postgres://postgres@127.0.0.1:5432/postgres], MYSQL_URL
+# [mysql://root@127.0.0.1:3306/test], REDIS_URL
 # [redis://127.0.0.1:6379], AMQP_URL [amqp://guest:guest@127.0.0.1:5672/%2f],
 # NATS_URL [nats://127.0.0.1:4222], KAFKA_BROKERS [127.0.0.1:9092]. Only local
 # default ports are started here.
@@ -57,6 +58,31 @@ ensure_postgres() {
   say "starting postgresql $version"
   $SUDO pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
   wait_port postgresql 127.0.0.1 5432 30
+}
+
+# MariaDB (the mysql store runs on MariaDB >= 10.6): root without a password
+# on loopback and a `test` database, as the tests expect.
+ensure_mariadb() {
+  if ! port_open 127.0.0.1 3306; then
+    command -v mariadbd >/dev/null || [ -x /usr/sbin/mariadbd ] || {
+      say "installing mariadb-server"
+      apt_install mariadb-server
+    }
+    say "starting mariadb"
+    $SUDO mkdir -p /run/mysqld
+    $SUDO chown mysql:mysql /run/mysqld 2>/dev/null || true
+    $SUDO start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
+    wait_port mariadb 127.0.0.1 3306 60
+  else
+    say "mariadb up"
+  fi
+  # Over TCP, root must log in without a password (Debian's root uses the
+  # unix socket); through the socket as the system's root, set that up once.
+  if ! mariadb -h127.0.0.1 -uroot -e "SELECT 1" >/dev/null 2>&1; then
+    say "letting root in over TCP without a password"
+    $SUDO mariadb -uroot -e "ALTER USER 'root'@'localhost' IDENTIFIED VIA mysql_native_password USING PASSWORD('') OR unix_socket; FLUSH PRIVILEGES;"
+  fi
+  mariadb -h127.0.0.1 -uroot -e "CREATE DATABASE IF NOT EXISTS test" >/dev/null
 }
 
 ensure_redis() {
@@ -122,6 +148,7 @@ ensure_kafka() {
 }
 
 ensure_postgres
+ensure_mariadb
 ensure_redis
 ensure_rabbitmq
 ensure_nats
