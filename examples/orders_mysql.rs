@@ -47,15 +47,16 @@ enum AppError {
     InvalidAmount(i64),
 }
 
-/// The mission's handler: `tx` is a MariaDB transaction, the store's.
+/// The mission's handler: `tx: &mut idem::Tx<'_>` is a MariaDB transaction
+/// here, because the store is `mysql`.
 #[idempotent(
     topic = "orders",
     key = "order_id",
-    store = MysqlStore,
+    store = "mysql",
     name = "place-order",
     ttl = "7d"
 )]
-async fn place_order(order: OrderPlaced, tx: &mut Tx<'_, sqlx::MySql>) -> Result<(), AppError> {
+async fn place_order(order: OrderPlaced, tx: &mut Tx<'_>) -> Result<(), AppError> {
     if order.amount_cents <= 0 {
         return Err(AppError::InvalidAmount(order.amount_cents));
     }
@@ -71,11 +72,11 @@ async fn place_order(order: OrderPlaced, tx: &mut Tx<'_, sqlx::MySql>) -> Result
 #[idempotent(
     topic = "payments",
     key = "order_id",
-    store = MysqlStore,
+    store = "mysql",
     name = "capture-payment",
     ack = "manual_immediate"
 )]
-async fn capture_payment(p: PaymentCaptured, tx: &mut Tx<'_, sqlx::MySql>, ack: Ack) -> Result<(), AppError> {
+async fn capture_payment(p: PaymentCaptured, tx: &mut Tx<'_>, ack: Ack) -> Result<(), AppError> {
     sqlx::query("INSERT INTO payments (order_id, amount_cents) VALUES (?, ?)")
         .bind(&p.order_id)
         .bind(p.amount_cents)
@@ -86,8 +87,8 @@ async fn capture_payment(p: PaymentCaptured, tx: &mut Tx<'_, sqlx::MySql>, ack: 
 }
 
 /// Batch mode: one claim statement per fetched batch.
-#[idempotent(topic = "shipments", key = header("Idempotency-Key"), store = MysqlStore, name = "ship-order", ack = "batch")]
-async fn ship_order(s: ShipmentRequested, tx: &mut Tx<'_, sqlx::MySql>) -> Result<(), AppError> {
+#[idempotent(topic = "shipments", key = header("Idempotency-Key"), store = "mysql", name = "ship-order", ack = "batch")]
+async fn ship_order(s: ShipmentRequested, tx: &mut Tx<'_>) -> Result<(), AppError> {
     sqlx::query("INSERT INTO shipments (order_id) VALUES (?)")
         .bind(&s.order_id)
         .execute(&mut **tx)

@@ -11,12 +11,11 @@ mod mysql;
 #[path = "common/sql_suite.rs"]
 mod sql_suite;
 
-use idem::store::mysql::MysqlStore;
-
+// `tx: &mut Tx<'_>` names no database: it is the store's transaction.
 sql_store_suite!(
     db = mysql,
-    store = [MysqlStore],
-    tx = [Tx<'_, sqlx::MySql>],
+    store = ["mysql"],
+    tx = [Tx<'_>],
     wire,
     row_locks,
     server

@@ -21,7 +21,7 @@ use sqlx::{Executor, PgPool};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use wire::cstr;
-pub use wire::{Wire, WireCounts};
+pub use wire::Wire;
 
 /// Suite: the sqlx database and the store.
 pub type Database = sqlx::Postgres;

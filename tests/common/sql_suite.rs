@@ -28,7 +28,7 @@ macro_rules! sql_store_suite {
     };
 
     (@common $db:ident [$($store:tt)+] [$($tx:tt)+]) => {
-        use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+        use std::sync::atomic::{AtomicU32, Ordering};
         use std::time::Duration;
 
         use common::{order, run_until_idle};
@@ -544,6 +544,8 @@ macro_rules! sql_store_suite {
 
     (@server $db:ident [$($store:tt)+] [$($tx:tt)+]) => {
         // --- the server goes away mid-run -------------------------------------------
+
+        use std::sync::atomic::AtomicBool;
 
         static OUTAGE_EFFECTS: AtomicU32 = AtomicU32::new(0);
         static OUTAGE_STARTED: AtomicBool = AtomicBool::new(false);

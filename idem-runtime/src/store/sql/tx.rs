@@ -4,9 +4,9 @@ use std::ops::{Deref, DerefMut};
 
 /// The database `Tx<'_>` means when none is named: SQLite when the `sqlite`
 /// feature is on, else PostgreSQL when `postgres` is, else MySQL/MariaDB.
-/// `#[idempotent(store = "postgres")]` fills in `Postgres` for a
-/// `&mut idem::Tx<'_>` parameter, so handlers need not name it; outside
-/// handlers, write `Tx<'_, sqlx::Postgres>` (or `sqlx::MySql`).
+/// In a handler, `#[idempotent]` makes a `&mut idem::Tx<'_>` parameter the
+/// handler's store's transaction, so handlers need not name the database;
+/// outside handlers, write `Tx<'_, sqlx::Postgres>` (or `sqlx::MySql`).
 #[cfg(feature = "sqlite")]
 pub type DefaultDb = sqlx::Sqlite;
 /// The database `Tx<'_>` means when none is named: SQLite when the `sqlite`
