@@ -342,11 +342,12 @@ impl wire::Protocol for MysqlWire {
             // (0x00, then the statement id) or an error.
             if seq == 1 && !body.is_empty() {
                 let mut pending = conn.pending.lock().unwrap();
-                if let Some(sql) = pending.take() {
-                    if body[0] == 0x00 && body.len() >= 5 {
-                        let id = u32::from_le_bytes(body[1..5].try_into().unwrap());
-                        conn.statements.lock().unwrap().insert(id, sql);
-                    }
+                if let Some(sql) = pending.take()
+                    && body[0] == 0x00
+                    && body.len() >= 5
+                {
+                    let id = u32::from_le_bytes(body[1..5].try_into().unwrap());
+                    conn.statements.lock().unwrap().insert(id, sql);
                 }
             }
             to.write_all(&frame).await?;

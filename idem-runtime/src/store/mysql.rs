@@ -393,15 +393,12 @@ impl Dialect for MysqlDialect {
     async fn migrate(store: &MysqlStore) -> Result<Vec<i64>, StoreError> {
         let names = store.names();
         let (t, table, log_table) = (&names.qualified, &names.table, names.migrations_log());
-        let log = MigrationLog {
-            create: format!(
-                "CREATE TABLE IF NOT EXISTS {log_table} ( \
-                   version BIGINT NOT NULL PRIMARY KEY, description TEXT NOT NULL, \
-                   applied_at DATETIME(6) NOT NULL DEFAULT (UTC_TIMESTAMP(6))) ENGINE=InnoDB"
-            ),
-            applied: format!("SELECT version FROM {log_table}"),
-            record: format!("INSERT INTO {log_table} (version, description) VALUES (?, ?)"),
-        };
+        let create = format!(
+            "CREATE TABLE IF NOT EXISTS {log_table} ( \
+               version BIGINT NOT NULL PRIMARY KEY, description TEXT NOT NULL, \
+               applied_at DATETIME(6) NOT NULL DEFAULT (UTC_TIMESTAMP(6))) ENGINE=InnoDB"
+        );
+        let log = MigrationLog::new(&log_table, create, ["?", "?"]);
         // Versions only ever get appended.
         let migrations = vec![Migration {
             version: 1,

@@ -51,7 +51,7 @@ use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::{Postgres, Row};
 
 use super::sql::{
-    Dialect, Failure, Migration, MigrationLog, Names, SqlStore, Statement, TWIN, apply_migrations,
+    Dialect, Failure, Migration, MigrationLog, Names, SqlStore, Statement, TWIN, migrate_in_transaction,
     connect, settled, ttl_millis, validate_identifier,
 };
 use super::{Claim, ClaimRequest, Claimed, StoreError};
@@ -225,16 +225,12 @@ impl Dialect for PostgresDialect {
             &names.qualified,
         );
         let log_table = names.migrations_log();
-        let log = MigrationLog {
-            create: format!(
-                "CREATE SCHEMA IF NOT EXISTS {schema}; \
-                 CREATE TABLE IF NOT EXISTS {log_table} ( \
-                   version bigint PRIMARY KEY, description text NOT NULL, \
-                   applied_at timestamptz NOT NULL DEFAULT now())"
-            ),
-            applied: format!("SELECT version FROM {log_table}"),
-            record: format!("INSERT INTO {log_table} (version, description) VALUES ($1, $2)"),
-        };
+        let create = format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema}; \
+             CREATE TABLE IF NOT EXISTS {log_table} ( \
+               version bigint PRIMARY KEY, description text NOT NULL, \
+               applied_at timestamptz NOT NULL DEFAULT now())"
+        );
         // Versions only ever get appended.
         let migrations = vec![Migration {
             version: 1,
@@ -252,17 +248,12 @@ impl Dialect for PostgresDialect {
                  CREATE INDEX IF NOT EXISTS {table}_expires ON {t} (expires_at) WHERE expires_at IS NOT NULL;"
             ),
         }];
-        let mut tx = store.pool().begin().await.map_err(|e| store.err(e))?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind(&log_table)
-            .execute(&mut *tx)
+        let log = MigrationLog::new(&log_table, create, ["$1", "$2"]);
+        // One lock per table name; concurrent migrators wait here.
+        let lock = ("SELECT pg_advisory_xact_lock(hashtext($1))", log_table.as_str());
+        migrate_in_transaction(store.pool(), None, Some(lock), &log, migrations)
             .await
-            .map_err(|e| store.err(e))?;
-        let applied = apply_migrations::<Postgres>(&mut tx, &log, migrations)
-            .await
-            .map_err(|e| store.err(e))?;
-        tx.commit().await.map_err(|e| store.err(e))?;
-        Ok(applied)
+            .map_err(|e| store.err(e))
     }
 
     async fn claim(

@@ -29,7 +29,7 @@ use sqlx::{Row, Sqlite};
 
 use super::sql::{
     Dialect, Failure, LockOrder, Migration, MigrationLog, Names, SqlStore, Statement, TWIN,
-    apply_migrations, settled, ttl_millis,
+    migrate_in_transaction, settled, ttl_millis,
 };
 use super::{Claim, ClaimRequest, Claimed, StoreError};
 use crate::fingerprint::Fingerprint;
@@ -164,14 +164,11 @@ impl Dialect for SqliteDialect {
     async fn migrate(store: &SqliteStore) -> Result<Vec<i64>, StoreError> {
         let names = store.names();
         let (t, table, log) = (&names.qualified, &names.table, names.migrations_log());
-        let log = MigrationLog {
-            create: format!(
-                "CREATE TABLE IF NOT EXISTS {log} (version INTEGER PRIMARY KEY, \
-                 description TEXT NOT NULL, applied_at INTEGER NOT NULL DEFAULT (CAST(strftime('%s', 'now') AS INTEGER)))"
-            ),
-            applied: format!("SELECT version FROM {log}"),
-            record: format!("INSERT INTO {log} (version, description) VALUES (?1, ?2)"),
-        };
+        let create = format!(
+            "CREATE TABLE IF NOT EXISTS {log} (version INTEGER PRIMARY KEY, description TEXT NOT NULL, \
+             applied_at INTEGER NOT NULL DEFAULT (CAST(strftime('%s', 'now') AS INTEGER)))"
+        );
+        // Versions only ever get appended.
         let migrations = vec![Migration {
             version: 1,
             description: "create the dedup table",
@@ -183,16 +180,10 @@ impl Dialect for SqliteDialect {
                  CREATE INDEX IF NOT EXISTS {table}_expires ON {t} (expires_at) WHERE expires_at IS NOT NULL;"
             ),
         }];
-        let mut tx = store
-            .pool()
-            .begin_with("BEGIN IMMEDIATE")
+        let log = MigrationLog::new(&log, create, ["?1", "?2"]);
+        migrate_in_transaction(store.pool(), Some("BEGIN IMMEDIATE"), None, &log, migrations)
             .await
-            .map_err(|e| store.err(e))?;
-        let applied = apply_migrations::<Sqlite>(&mut tx, &log, migrations)
-            .await
-            .map_err(|e| store.err(e))?;
-        tx.commit().await.map_err(|e| store.err(e))?;
-        Ok(applied)
+            .map_err(|e| store.err(e))
     }
 
     async fn claim(

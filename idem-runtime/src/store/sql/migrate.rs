@@ -23,6 +23,54 @@ pub(crate) struct MigrationLog {
     pub(crate) record: String,
 }
 
+impl MigrationLog {
+    /// The log `table`, created by `create` (which makes whatever must exist
+    /// before it too), with bind parameters one and two written
+    /// `placeholders`.
+    pub(crate) fn new(table: &str, create: String, placeholders: [&str; 2]) -> Self {
+        let [version, description] = placeholders;
+        MigrationLog {
+            create,
+            applied: format!("SELECT version FROM {table}"),
+            record: format!(
+                "INSERT INTO {table} (version, description) VALUES ({version}, {description})"
+            ),
+        }
+    }
+}
+
+/// For databases with transactional DDL: one transaction, started with
+/// `begin` (`None`: `BEGIN`), then `lock` (a statement taking a
+/// transaction-scoped lock, with its one bind), then the migrations, then
+/// the commit.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) async fn migrate_in_transaction<DB>(
+    pool: &sqlx::Pool<DB>,
+    begin: Option<&'static str>,
+    lock: Option<(&'static str, &str)>,
+    log: &MigrationLog,
+    migrations: Vec<Migration>,
+) -> Result<Vec<i64>, sqlx::Error>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    (i64,): for<'r> FromRow<'r, DB::Row>,
+    i64: sqlx::Type<DB> + for<'q> sqlx::Encode<'q, DB>,
+    for<'s> &'s str: sqlx::Type<DB> + sqlx::Encode<'s, DB>,
+{
+    let mut tx = match begin {
+        Some(begin) => pool.begin_with(begin).await?,
+        None => pool.begin().await?,
+    };
+    if let Some((lock, key)) = lock {
+        sqlx::query(lock).bind(key).execute(&mut *tx).await?;
+    }
+    let applied = apply_migrations::<DB>(&mut tx, log, migrations).await?;
+    tx.commit().await?;
+    Ok(applied)
+}
+
 /// Creates the log if missing and applies the migrations whose versions it
 /// does not hold, in order, recording each. The caller holds the lock that
 /// keeps other migrators out, and commits when the database has

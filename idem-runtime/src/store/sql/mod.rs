@@ -29,7 +29,11 @@ mod tx;
 #[cfg(any(feature = "sqlite", feature = "mysql"))]
 pub(crate) use batch::LockOrder;
 pub use error::Failure;
-pub(crate) use migrate::{Migration, MigrationLog, apply_migrations};
+#[cfg(feature = "mysql")]
+pub(crate) use migrate::apply_migrations;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) use migrate::migrate_in_transaction;
+pub(crate) use migrate::{Migration, MigrationLog};
 pub use tx::{DefaultDb, Tx};
 
 /// The dedup table when none is configured.
