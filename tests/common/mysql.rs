@@ -3,9 +3,11 @@
 //! statement counter, and a private server that a test may kill and start.
 //! Loaded with `#[path = "common/mysql.rs"] mod mysql;`; one of the database
 //! modules the SQL store suite (`sql_suite.rs`) is stamped with (items
-//! marked "suite").
+//! marked "suite", beside the reads of `sql_db.rs`).
 #![allow(dead_code, unreachable_pub)]
 
+#[path = "sql_db.rs"]
+mod sql_db;
 #[path = "wire.rs"]
 mod wire;
 
@@ -16,16 +18,20 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idem::store::mysql::MysqlStore;
+use idem::store::mysql::{MysqlDialect, MysqlStore};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::{Executor, MySqlPool};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 pub use wire::Wire;
 
-/// Suite: the sqlx database and the store.
+/// Suite: the sqlx database, the store and the test database.
 pub type Database = sqlx::MySql;
 pub type Store = MysqlStore;
+/// A fresh database `idem_t_<random>` holding the dedup table and an
+/// `effects` table; the pool connects to it, so handlers write `effects`
+/// unqualified. Panics (the test fails) when the server is down.
+pub type Db = sql_db::Db<MysqlDialect>;
 
 /// Suite: what the claim statements contain (to count them on the wire).
 pub const CLAIM_SQL: &str = "INSERT INTO idem_dedup (handler, `key`";
@@ -34,18 +40,29 @@ pub const CLAIM_SQL: &str = "INSERT INTO idem_dedup (handler, `key`";
 pub const SECRET_URL: &str = "mysql://app:hunter2-secret@127.0.0.1:1/db";
 pub const REDACTED: &str = "app:***@127.0.0.1:1";
 
+impl sql_db::TestSql for MysqlDialect {
+    const EFFECT_COUNTS: &'static str =
+        "SELECT `key`, COUNT(*) FROM effects WHERE handler = ? GROUP BY `key`";
+    const DEDUP_ROWS: &'static str = "SELECT COUNT(*) FROM idem_dedup WHERE handler = ?";
+    const EFFECT_SEQ: &'static str = "SELECT CAST(seq AS SIGNED) FROM effects WHERE handler = ?";
+    const TTL_SECONDS: &'static str = "SELECT CAST(TIMESTAMPDIFF(MICROSECOND, created_at, expires_at) / 1000000 AS DOUBLE) \
+         FROM idem_dedup WHERE handler = ? LIMIT 1";
+    const INSERT_EFFECT: &'static str =
+        "INSERT INTO effects (handler, `key`, seq) VALUES (?, ?, ?)";
+    // InnoDB refreshes INNODB_TRX only when it was not read for 100 ms.
+    const LOCK_WAITS: Option<(&'static str, Duration)> = Some((
+        "SELECT COUNT(*) FROM information_schema.INNODB_TRX t \
+         JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id \
+         WHERE t.trx_state = 'LOCK WAIT' AND p.DB = DATABASE()",
+        Duration::from_millis(150),
+    ));
+    const EFFECTS_TABLE: &'static str = "CREATE TABLE effects (handler VARCHAR(64) NOT NULL, \
+         `key` VARCHAR(512) NOT NULL, seq INT NOT NULL)";
+}
+
 /// `MYSQL_URL`, default `mysql://root@127.0.0.1:3306/test`.
 pub fn url() -> String {
     std::env::var("MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
-}
-
-/// A fresh database `idem_t_<random>` holding the dedup table and an
-/// `effects` table; the pool connects to it, so handlers write `effects`
-/// unqualified. Panics (the test fails) when the server is down.
-pub struct Db {
-    pub database: String,
-    pub store: MysqlStore,
-    server: String,
 }
 
 impl Db {
@@ -65,79 +82,12 @@ impl Db {
             .expect("create database");
         admin.close().await;
         let store = MysqlStore::new(connect(url, Some(&database), max_connections).await);
-        store.migrate().await.expect("migrate");
-        store
-            .pool()
-            .execute(
-                "CREATE TABLE effects (handler VARCHAR(64) NOT NULL, `key` VARCHAR(512) NOT NULL, seq INT NOT NULL)",
-            )
-            .await
-            .expect("create effects");
-        Db {
-            database,
-            store,
-            server: url.to_owned(),
-        }
+        Db::create(store, database, url, None).await
     }
 
     /// A second, independent pool on the same database (another "process").
     pub async fn second_store(&self, max_connections: u32) -> MysqlStore {
-        MysqlStore::new(connect(&self.server, Some(&self.database), max_connections).await)
-    }
-
-    pub fn pool(&self) -> &MySqlPool {
-        self.store.pool()
-    }
-
-    /// Effect rows per key of one handler.
-    pub async fn effect_counts(&self, handler: &str) -> std::collections::BTreeMap<String, i64> {
-        sqlx::query_as::<_, (String, i64)>(
-            "SELECT `key`, COUNT(*) FROM effects WHERE handler = ? GROUP BY `key`",
-        )
-        .bind(handler)
-        .fetch_all(self.pool())
-        .await
-        .expect("count effects")
-        .into_iter()
-        .collect()
-    }
-
-    /// Dedup rows of one handler.
-    pub async fn dedup_rows(&self, handler: &str) -> i64 {
-        sqlx::query_scalar("SELECT COUNT(*) FROM idem_dedup WHERE handler = ?")
-            .bind(handler)
-            .fetch_one(self.pool())
-            .await
-            .expect("count dedup rows")
-    }
-
-    /// Suite: all effect rows.
-    pub async fn effect_rows(&self) -> i64 {
-        sqlx::query_scalar("SELECT COUNT(*) FROM effects")
-            .fetch_one(self.pool())
-            .await
-            .expect("count effects")
-    }
-
-    /// Suite: the `seq` of the one effect row of a handler.
-    pub async fn effect_seq(&self, handler: &str) -> i64 {
-        sqlx::query_scalar("SELECT CAST(seq AS SIGNED) FROM effects WHERE handler = ?")
-            .bind(handler)
-            .fetch_one(self.pool())
-            .await
-            .expect("read effect")
-    }
-
-    /// Suite: `expires_at - created_at` of a handler's row, in seconds.
-    pub async fn ttl_seconds(&self, handler: &str) -> f64 {
-        sqlx::query_scalar(
-            "SELECT CAST(TIMESTAMPDIFF(MICROSECOND, created_at, expires_at) / 1000000 AS DOUBLE) \
-             FROM idem_dedup WHERE handler = ? LIMIT 1",
-        )
-        .bind(handler)
-        .fetch_one(self.pool())
-        .await
-        .expect("read ttl")
+        MysqlStore::new(connect(&self.server, Some(&self.schema), max_connections).await)
     }
 
     /// Suite: makes rows expired a second ago (all, or one handler's).
@@ -170,41 +120,12 @@ impl Db {
         .expect("insert rows");
     }
 
-    /// Suite: the versions recorded in a migrations table.
-    pub async fn versions(&self, log: &str) -> Vec<i64> {
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT version FROM {log}")))
-            .fetch_all(self.pool())
-            .await
-            .expect("read versions")
-    }
-
     /// Suite: a store on this database whose pool of `max_connections` goes
     /// through a counting proxy.
     pub async fn counting_store(&self, max_connections: u32) -> (MysqlStore, Wire) {
         let (url, wire) = counting_proxy(&self.server).await;
-        let store = MysqlStore::new(connect(&url, Some(&self.database), max_connections).await);
+        let store = MysqlStore::new(connect(&url, Some(&self.schema), max_connections).await);
         (store, wire)
-    }
-
-    /// Suite: waits until a transaction on this database waits on a lock.
-    /// InnoDB refreshes `INNODB_TRX` only when it was not read for 100 ms:
-    /// poll slower than that.
-    pub async fn wait_for_lock_wait(&self) {
-        for _ in 0..100 {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM information_schema.INNODB_TRX t \
-                 JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id \
-                 WHERE t.trx_state = 'LOCK WAIT' AND p.DB = DATABASE()",
-            )
-            .fetch_one(self.pool())
-            .await
-            .unwrap();
-            if waiting > 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(150)).await;
-        }
-        panic!("the second claim never waited on the first one's row lock");
     }
 }
 
@@ -226,21 +147,14 @@ pub async fn connect(url: &str, database: Option<&str>, max_connections: u32) ->
         })
 }
 
-/// Suite: the handlers' effect, one row in `effects`, in the handler's
-/// transaction.
+/// Suite: the handlers' effect, one row in `effects`.
 pub async fn insert_effect(
     tx: &mut idem::Tx<'_, sqlx::MySql>,
     handler: &str,
     key: &str,
     seq: u32,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO effects (handler, `key`, seq) VALUES (?, ?, ?)")
-        .bind(handler)
-        .bind(key)
-        .bind(seq)
-        .execute(&mut **tx)
-        .await
-        .map(|_| ())
+    sql_db::insert_effect::<MysqlDialect>(tx, handler, key, seq).await
 }
 
 // ---------------------------------------------------------------------------
@@ -369,10 +283,7 @@ pub struct PrivateServer {
 
 impl PrivateServer {
     pub fn start() -> PrivateServer {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let port = sql_db::free_port();
         let dir =
             std::env::temp_dir().join(format!("idem-mariadb-{port}-{:08x}", fastrand::u32(..)));
         std::fs::create_dir_all(&dir).unwrap();
@@ -386,7 +297,7 @@ impl PrivateServer {
             .arg("--no-defaults")
             .arg(format!("--datadir={}", server.data()))
             .args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
-        if is_root() {
+        if sql_db::is_root() {
             install.arg("--user=root");
         }
         let out = install.output().expect(
@@ -429,7 +340,7 @@ impl PrivateServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        if is_root() {
+        if sql_db::is_root() {
             command.arg("--user=root");
         }
         let child = command
@@ -463,12 +374,4 @@ impl Drop for PrivateServer {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false)
 }

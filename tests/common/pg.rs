@@ -1,10 +1,13 @@
 //! PostgreSQL test helpers: a private schema per test on the shared server,
 //! a wire-level statement counter, and a private server that a test may stop
-//! and start. Loaded with `#[path = "common/pg.rs"] mod pg;`. It is one of
-//! the database modules the SQL store suite (`sql_suite.rs`) is stamped
-//! with: the items marked "suite" are what every such module provides.
+//! and start. Loaded with `#[path = "common/pg.rs"] mod pg;`. One of the
+//! database modules the SQL store suite (`sql_suite.rs`) is stamped with:
+//! the items marked "suite" are what every such module provides, beside
+//! the reads of `sql_db.rs`.
 #![allow(dead_code, unreachable_pub)]
 
+#[path = "sql_db.rs"]
+mod sql_db;
 #[path = "wire.rs"]
 mod wire;
 
@@ -15,17 +18,21 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem::store::postgres::PostgresStore;
+use idem::store::postgres::{PostgresDialect, PostgresStore};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use wire::cstr;
 pub use wire::Wire;
+use wire::cstr;
 
-/// Suite: the sqlx database and the store.
+/// Suite: the sqlx database, the store and the test database.
 pub type Database = sqlx::Postgres;
 pub type Store = PostgresStore;
+/// A fresh schema `idem_t_<random>` holding the dedup table and an
+/// `effects` table; the pool's `search_path` points at it, so handlers write
+/// `effects` unqualified. Panics (the test fails) when the server is down.
+pub type Db = sql_db::Db<PostgresDialect>;
 
 /// Suite: what the claim statements contain (to count them on the wire).
 pub const CLAIM_SQL: &str = "unnest($1::text[], $2::text[], $3::int8[]";
@@ -34,18 +41,27 @@ pub const CLAIM_SQL: &str = "unnest($1::text[], $2::text[], $3::int8[]";
 pub const SECRET_URL: &str = "postgres://app:hunter2-secret@127.0.0.1:1/db";
 pub const REDACTED: &str = "app:***@127.0.0.1:1";
 
+impl sql_db::TestSql for PostgresDialect {
+    const EFFECT_COUNTS: &'static str =
+        "SELECT key, COUNT(*) FROM effects WHERE handler = $1 GROUP BY key";
+    const DEDUP_ROWS: &'static str = "SELECT COUNT(*) FROM idem_dedup WHERE handler = $1";
+    const EFFECT_SEQ: &'static str = "SELECT seq::int8 FROM effects WHERE handler = $1";
+    const TTL_SECONDS: &'static str = "SELECT EXTRACT(EPOCH FROM expires_at - created_at)::float8 \
+         FROM idem_dedup WHERE handler = $1 LIMIT 1";
+    const INSERT_EFFECT: &'static str =
+        "INSERT INTO effects (handler, key, seq) VALUES ($1, $2, $3)";
+    const LOCK_WAITS: Option<(&'static str, Duration)> = Some((
+        "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        Duration::from_millis(10),
+    ));
+    const EFFECTS_TABLE: &'static str =
+        "CREATE TABLE effects (handler text NOT NULL, key text NOT NULL, seq int NOT NULL)";
+}
+
 /// `DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`.
 pub fn url() -> String {
     std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-/// A fresh schema `idem_t_<random>` holding the dedup table and an
-/// `effects` table; the pool's `search_path` points at it, so handlers write
-/// `effects` unqualified. Panics (the test fails) when the server is down.
-pub struct Db {
-    pub schema: String,
-    pub store: PostgresStore,
 }
 
 impl Db {
@@ -68,76 +84,14 @@ impl Db {
         let store = PostgresStore::new(pool)
             .with_schema(&schema)
             .expect("valid schema name");
-        store.migrate().await.expect("migrate");
-        store
-            .pool()
-            .execute(
-                "CREATE TABLE effects (handler text NOT NULL, key text NOT NULL, seq int NOT NULL)",
-            )
-            .await
-            .expect("create effects");
-        Db { schema, store }
+        Db::create(store, schema, url, None).await
     }
 
     /// A second, independent pool on the same schema (another "process").
     pub async fn second_store(&self, max_connections: u32) -> PostgresStore {
-        PostgresStore::new(connect(&url(), Some(&self.schema), max_connections).await)
+        PostgresStore::new(connect(&self.server, Some(&self.schema), max_connections).await)
             .with_schema(&self.schema)
             .expect("valid schema name")
-    }
-
-    pub fn pool(&self) -> &PgPool {
-        self.store.pool()
-    }
-
-    /// Effect rows per key of one handler.
-    pub async fn effect_counts(&self, handler: &str) -> std::collections::BTreeMap<String, i64> {
-        sqlx::query_as::<_, (String, i64)>(
-            "SELECT key, COUNT(*) FROM effects WHERE handler = $1 GROUP BY key",
-        )
-        .bind(handler)
-        .fetch_all(self.pool())
-        .await
-        .expect("count effects")
-        .into_iter()
-        .collect()
-    }
-
-    /// Dedup rows of one handler.
-    pub async fn dedup_rows(&self, handler: &str) -> i64 {
-        sqlx::query_scalar("SELECT COUNT(*) FROM idem_dedup WHERE handler = $1")
-            .bind(handler)
-            .fetch_one(self.pool())
-            .await
-            .expect("count dedup rows")
-    }
-
-    /// Suite: all effect rows.
-    pub async fn effect_rows(&self) -> i64 {
-        sqlx::query_scalar("SELECT COUNT(*) FROM effects")
-            .fetch_one(self.pool())
-            .await
-            .expect("count effects")
-    }
-
-    /// Suite: the `seq` of the one effect row of a handler.
-    pub async fn effect_seq(&self, handler: &str) -> i64 {
-        sqlx::query_scalar("SELECT seq::int8 FROM effects WHERE handler = $1")
-            .bind(handler)
-            .fetch_one(self.pool())
-            .await
-            .expect("read effect")
-    }
-
-    /// Suite: `expires_at - created_at` of a handler's row, in seconds.
-    pub async fn ttl_seconds(&self, handler: &str) -> f64 {
-        sqlx::query_scalar(
-            "SELECT EXTRACT(EPOCH FROM expires_at - created_at)::float8 FROM idem_dedup WHERE handler = $1 LIMIT 1",
-        )
-        .bind(handler)
-        .fetch_one(self.pool())
-        .await
-        .expect("read ttl")
     }
 
     /// Suite: makes rows expired a second ago (all, or one handler's).
@@ -168,39 +122,14 @@ impl Db {
         .expect("insert rows");
     }
 
-    /// Suite: the versions recorded in a migrations table.
-    pub async fn versions(&self, log: &str) -> Vec<i64> {
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT version FROM {log}")))
-            .fetch_all(self.pool())
-            .await
-            .expect("read versions")
-    }
-
     /// Suite: a store on this schema whose pool of `max_connections` goes
     /// through a counting proxy.
     pub async fn counting_store(&self, max_connections: u32) -> (PostgresStore, Wire) {
-        let (url, wire) = counting_proxy(&url()).await;
+        let (url, wire) = counting_proxy(&self.server).await;
         let store = PostgresStore::new(connect(&url, Some(&self.schema), max_connections).await)
             .with_schema(&self.schema)
             .expect("valid schema name");
         (store, wire)
-    }
-
-    /// Suite: waits until some backend of the database waits on a lock.
-    pub async fn wait_for_lock_wait(&self) {
-        for _ in 0..500 {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
-            )
-            .fetch_one(self.pool())
-            .await
-            .unwrap();
-            if waiting > 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("the second claim never waited on the first one's row lock");
     }
 }
 
@@ -222,20 +151,14 @@ pub async fn connect(url: &str, schema: Option<&str>, max_connections: u32) -> P
         })
 }
 
-/// The handlers' effect: one row in `effects`, in the handler's transaction.
+/// Suite: the handlers' effect, one row in `effects`.
 pub async fn insert_effect(
     tx: &mut idem::Tx<'_, sqlx::Postgres>,
     handler: &str,
     key: &str,
     seq: u32,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO effects (handler, key, seq) VALUES ($1, $2, $3)")
-        .bind(handler)
-        .bind(key)
-        .bind(seq as i32)
-        .execute(&mut **tx)
-        .await
-        .map(|_| ())
+    sql_db::insert_effect::<PostgresDialect>(tx, handler, key, seq).await
 }
 
 // ---------------------------------------------------------------------------
@@ -346,10 +269,7 @@ impl PrivateServer {
             .filter(|p| p.join("initdb").exists())
             .max()
             .expect("initdb under /usr/lib/postgresql/*/bin");
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let port = sql_db::free_port();
         let dir = std::env::temp_dir().join(format!("idem-pg-{port}-{:08x}", fastrand::u32(..)));
         std::fs::create_dir_all(&dir).unwrap();
         let server = PrivateServer { port, dir, bin };
@@ -412,7 +332,7 @@ impl PrivateServer {
     }
 
     fn chown(&self) {
-        if is_root() {
+        if sql_db::is_root() {
             let ok = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
                 .arg(&self.dir)
@@ -427,7 +347,7 @@ impl PrivateServer {
     /// refuses to run as root).
     fn tool(&self, tool: &str) -> Command {
         let exe = self.bin.join(tool);
-        if is_root() {
+        if sql_db::is_root() {
             let mut c = Command::new("runuser");
             c.args(["-u", "postgres", "--"]).arg(exe);
             c
@@ -459,12 +379,4 @@ impl Drop for PrivateServer {
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false)
 }

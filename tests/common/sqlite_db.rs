@@ -1,22 +1,35 @@
 //! SQLite as one of the databases the SQL store suite (`sql_suite.rs`) is
 //! stamped with: a database file per test (so a second pool, "another
 //! process", can share it), with the dedup table and an `effects` table.
-//! Loaded with `#[path = "common/sqlite_db.rs"] mod sqlite_db;`.
+//! Loaded with `#[path = "common/sqlite_db.rs"] mod sqlite_db;`; the items
+//! marked "suite" are what every such module provides, beside the reads of
+//! `sql_db.rs`.
 #![allow(dead_code, unreachable_pub)]
 
-use std::path::PathBuf;
+#[path = "sql_db.rs"]
+mod sql_db;
+
 use std::time::Duration;
 
-use idem::store::sqlite::SqliteStore;
-use sqlx::SqlitePool;
+use idem::store::sqlite::{SqliteDialect, SqliteStore};
 
-/// Suite: the sqlx database and the store.
+/// Suite: the sqlx database, the store and the test database.
 pub type Database = sqlx::Sqlite;
 pub type Store = SqliteStore;
+pub type Db = sql_db::Db<SqliteDialect>;
 
-pub struct Db {
-    pub store: SqliteStore,
-    dir: PathBuf,
+impl sql_db::TestSql for SqliteDialect {
+    const EFFECT_COUNTS: &'static str =
+        "SELECT key, COUNT(*) FROM effects WHERE handler = ? GROUP BY key";
+    const DEDUP_ROWS: &'static str = "SELECT COUNT(*) FROM idem_dedup WHERE handler = ?";
+    const EFFECT_SEQ: &'static str = "SELECT seq FROM effects WHERE handler = ?";
+    const TTL_SECONDS: &'static str =
+        "SELECT (expires_at - created_at) / 1000.0 FROM idem_dedup WHERE handler = ? LIMIT 1";
+    const INSERT_EFFECT: &'static str = "INSERT INTO effects (handler, key, seq) VALUES (?, ?, ?)";
+    // A competing `BEGIN IMMEDIATE` waits (busy timeout) unseen.
+    const LOCK_WAITS: Option<(&'static str, Duration)> = None;
+    const EFFECTS_TABLE: &'static str =
+        "CREATE TABLE effects (handler TEXT NOT NULL, key TEXT NOT NULL, seq INTEGER NOT NULL)";
 }
 
 /// Milliseconds since the Unix epoch: the store's clock.
@@ -31,78 +44,14 @@ impl Db {
     pub async fn new() -> Db {
         let dir = std::env::temp_dir().join(format!("idem-sqlite-{:016x}", fastrand::u64(..)));
         std::fs::create_dir_all(&dir).expect("create the database's directory");
-        let store = SqliteStore::open(&dir.join("db").display().to_string())
-            .await
-            .expect("open sqlite");
-        store.migrate().await.expect("migrate");
-        sqlx::query(
-            "CREATE TABLE effects (handler TEXT NOT NULL, key TEXT NOT NULL, seq INTEGER NOT NULL)",
-        )
-        .execute(store.pool())
-        .await
-        .expect("create effects");
-        Db { store, dir }
+        let file = dir.join("db").display().to_string();
+        let store = SqliteStore::open(&file).await.expect("open sqlite");
+        Db::create(store, file.clone(), &file, Some(sql_db::OwnedDir(dir))).await
     }
 
     /// A second, independent pool on the same file (another "process").
     pub async fn second_store(&self, _max_connections: u32) -> SqliteStore {
-        SqliteStore::open(&self.dir.join("db").display().to_string())
-            .await
-            .expect("open sqlite")
-    }
-
-    pub fn pool(&self) -> &SqlitePool {
-        self.store.pool()
-    }
-
-    /// Effect rows per key of one handler.
-    pub async fn effect_counts(&self, handler: &str) -> std::collections::BTreeMap<String, i64> {
-        sqlx::query_as::<_, (String, i64)>(
-            "SELECT key, COUNT(*) FROM effects WHERE handler = ? GROUP BY key",
-        )
-        .bind(handler)
-        .fetch_all(self.pool())
-        .await
-        .expect("count effects")
-        .into_iter()
-        .collect()
-    }
-
-    /// Dedup rows of one handler.
-    pub async fn dedup_rows(&self, handler: &str) -> i64 {
-        sqlx::query_scalar("SELECT COUNT(*) FROM idem_dedup WHERE handler = ?")
-            .bind(handler)
-            .fetch_one(self.pool())
-            .await
-            .expect("count dedup rows")
-    }
-
-    /// Suite: all effect rows.
-    pub async fn effect_rows(&self) -> i64 {
-        sqlx::query_scalar("SELECT COUNT(*) FROM effects")
-            .fetch_one(self.pool())
-            .await
-            .expect("count effects")
-    }
-
-    /// Suite: the `seq` of the one effect row of a handler.
-    pub async fn effect_seq(&self, handler: &str) -> i64 {
-        sqlx::query_scalar("SELECT seq FROM effects WHERE handler = ?")
-            .bind(handler)
-            .fetch_one(self.pool())
-            .await
-            .expect("read effect")
-    }
-
-    /// Suite: `expires_at - created_at` of a handler's row, in seconds.
-    pub async fn ttl_seconds(&self, handler: &str) -> f64 {
-        sqlx::query_scalar(
-            "SELECT (expires_at - created_at) / 1000.0 FROM idem_dedup WHERE handler = ? LIMIT 1",
-        )
-        .bind(handler)
-        .fetch_one(self.pool())
-        .await
-        .expect("read ttl")
+        SqliteStore::open(&self.schema).await.expect("open sqlite")
     }
 
     /// Suite: makes rows expired a second ago (all, or one handler's).
@@ -133,42 +82,14 @@ impl Db {
         .await
         .expect("insert rows");
     }
-
-    /// Suite: the versions recorded in a migrations table.
-    pub async fn versions(&self, log: &str) -> Vec<i64> {
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT version FROM {log}")))
-            .fetch_all(self.pool())
-            .await
-            .expect("read versions")
-    }
-
-    /// Suite: SQLite shows no lock waits; a competing `BEGIN IMMEDIATE`
-    /// waits (busy timeout) while the first transaction is open, so give it
-    /// the time to start waiting.
-    pub async fn wait_for_lock_wait(&self) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
-impl Drop for Db {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Suite: the handlers' effect, one row in `effects`, in the handler's
-/// transaction.
+/// Suite: the handlers' effect, one row in `effects`.
 pub async fn insert_effect(
     tx: &mut idem::Tx<'_, sqlx::Sqlite>,
     handler: &str,
     key: &str,
     seq: u32,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO effects (handler, key, seq) VALUES (?, ?, ?)")
-        .bind(handler)
-        .bind(key)
-        .bind(seq)
-        .execute(&mut **tx)
-        .await
-        .map(|_| ())
+    sql_db::insert_effect::<SqliteDialect>(tx, handler, key, seq).await
 }

@@ -85,8 +85,8 @@ use sqlx::mysql::{MySqlConnection, MySqlDatabaseError, MySqlRow};
 use sqlx::{Executor, MySql, Row};
 
 use super::sql::{
-    Dialect, Failure, LockOrder, Migration, MigrationLog, Names, SqlStore, Statement, TWIN,
-    apply_migrations, connect, settled, ttl_millis,
+    Dialect, Failure, LockOrder, Migration, MigrationLog, Migrator, Names, SqlStore, Statement,
+    TWIN, connect, settled, ttl_millis,
 };
 use super::{Claim, ClaimRequest, Claimed, StoreError};
 use crate::fingerprint::Fingerprint;
@@ -441,7 +441,7 @@ impl Dialect for MysqlDialect {
                     .into(),
                 });
             }
-            let applied = apply_migrations::<MySql>(&mut conn, &log, migrations)
+            let applied = Migrator::<MySql>::apply(&mut conn, &log, migrations)
                 .await
                 .map_err(|e| store.err(e))?;
             conn.execute(

@@ -51,8 +51,8 @@ use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::{Postgres, Row};
 
 use super::sql::{
-    Dialect, Failure, Migration, MigrationLog, Names, SqlStore, Statement, TWIN, migrate_in_transaction,
-    connect, settled, ttl_millis, validate_identifier,
+    Dialect, Failure, Migration, MigrationLog, Migrator, Names, SqlStore, Statement, TWIN, connect,
+    settled, ttl_millis, validate_identifier,
 };
 use super::{Claim, ClaimRequest, Claimed, StoreError};
 use crate::fingerprint::Fingerprint;
@@ -250,8 +250,11 @@ impl Dialect for PostgresDialect {
         }];
         let log = MigrationLog::new(&log_table, create, ["$1", "$2"]);
         // One lock per table name; concurrent migrators wait here.
-        let lock = ("SELECT pg_advisory_xact_lock(hashtext($1))", log_table.as_str());
-        migrate_in_transaction(store.pool(), None, Some(lock), &log, migrations)
+        let lock = (
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            log_table.as_str(),
+        );
+        Migrator::<Postgres>::in_transaction(store.pool(), None, Some(lock), &log, migrations)
             .await
             .map_err(|e| store.err(e))
     }

@@ -28,8 +28,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite};
 
 use super::sql::{
-    Dialect, Failure, LockOrder, Migration, MigrationLog, Names, SqlStore, Statement, TWIN,
-    migrate_in_transaction, settled, ttl_millis,
+    Dialect, Failure, LockOrder, Migration, MigrationLog, Migrator, Names, SqlStore, Statement,
+    TWIN, settled, ttl_millis,
 };
 use super::{Claim, ClaimRequest, Claimed, StoreError};
 use crate::fingerprint::Fingerprint;
@@ -181,9 +181,15 @@ impl Dialect for SqliteDialect {
             ),
         }];
         let log = MigrationLog::new(&log, create, ["?1", "?2"]);
-        migrate_in_transaction(store.pool(), Some("BEGIN IMMEDIATE"), None, &log, migrations)
-            .await
-            .map_err(|e| store.err(e))
+        Migrator::<Sqlite>::in_transaction(
+            store.pool(),
+            Some("BEGIN IMMEDIATE"),
+            None,
+            &log,
+            migrations,
+        )
+        .await
+        .map_err(|e| store.err(e))
     }
 
     async fn claim(

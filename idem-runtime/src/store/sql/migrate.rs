@@ -39,47 +39,10 @@ impl MigrationLog {
     }
 }
 
-/// For databases with transactional DDL: one transaction, started with
-/// `begin` (`None`: `BEGIN`), then `lock` (a statement taking a
-/// transaction-scoped lock, with its one bind), then the migrations, then
-/// the commit.
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub(crate) async fn migrate_in_transaction<DB>(
-    pool: &sqlx::Pool<DB>,
-    begin: Option<&'static str>,
-    lock: Option<(&'static str, &str)>,
-    log: &MigrationLog,
-    migrations: Vec<Migration>,
-) -> Result<Vec<i64>, sqlx::Error>
-where
-    DB: Database,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    DB::Arguments: IntoArguments<DB>,
-    (i64,): for<'r> FromRow<'r, DB::Row>,
-    i64: sqlx::Type<DB> + for<'q> sqlx::Encode<'q, DB>,
-    for<'s> &'s str: sqlx::Type<DB> + sqlx::Encode<'s, DB>,
-{
-    let mut tx = match begin {
-        Some(begin) => pool.begin_with(begin).await?,
-        None => pool.begin().await?,
-    };
-    if let Some((lock, key)) = lock {
-        sqlx::query(lock).bind(key).execute(&mut *tx).await?;
-    }
-    let applied = apply_migrations::<DB>(&mut tx, log, migrations).await?;
-    tx.commit().await?;
-    Ok(applied)
-}
+/// Applies migrations on database `DB`.
+pub(crate) struct Migrator<DB>(std::marker::PhantomData<DB>);
 
-/// Creates the log if missing and applies the migrations whose versions it
-/// does not hold, in order, recording each. The caller holds the lock that
-/// keeps other migrators out, and commits when the database has
-/// transactional DDL. Returns the versions applied.
-pub(crate) async fn apply_migrations<DB>(
-    conn: &mut DB::Connection,
-    log: &MigrationLog,
-    migrations: Vec<Migration>,
-) -> Result<Vec<i64>, sqlx::Error>
+impl<DB> Migrator<DB>
 where
     DB: Database,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
@@ -88,23 +51,57 @@ where
     i64: sqlx::Type<DB> + for<'q> sqlx::Encode<'q, DB>,
     for<'s> &'s str: sqlx::Type<DB> + sqlx::Encode<'s, DB>,
 {
-    conn.execute(sqlx::raw_sql(AssertSqlSafe(log.create.clone())))
-        .await?;
-    let done: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(log.applied.clone()))
-        .fetch_all(&mut *conn)
-        .await?;
-    let mut applied = Vec::new();
-    for m in migrations {
-        if done.contains(&m.version) {
-            continue;
+    /// For databases with transactional DDL: one transaction, started with
+    /// `begin` (`None`: `BEGIN`), then `lock` (a statement taking a
+    /// transaction-scoped lock, with its one bind), then the migrations,
+    /// then the commit.
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    pub(crate) async fn in_transaction(
+        pool: &sqlx::Pool<DB>,
+        begin: Option<&'static str>,
+        lock: Option<(&'static str, &str)>,
+        log: &MigrationLog,
+        migrations: Vec<Migration>,
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        let mut tx = match begin {
+            Some(begin) => pool.begin_with(begin).await?,
+            None => pool.begin().await?,
+        };
+        if let Some((lock, key)) = lock {
+            sqlx::query(lock).bind(key).execute(&mut *tx).await?;
         }
-        conn.execute(sqlx::raw_sql(AssertSqlSafe(m.sql))).await?;
-        sqlx::query(AssertSqlSafe(log.record.clone()))
-            .bind(m.version)
-            .bind(m.description)
-            .execute(&mut *conn)
-            .await?;
-        applied.push(m.version);
+        let applied = Self::apply(&mut tx, log, migrations).await?;
+        tx.commit().await?;
+        Ok(applied)
     }
-    Ok(applied)
+
+    /// Creates the log if missing and applies the migrations whose versions
+    /// it does not hold, in order, recording each. The caller holds the
+    /// lock that keeps other migrators out, and commits when the database
+    /// has transactional DDL. Returns the versions applied.
+    pub(crate) async fn apply(
+        conn: &mut DB::Connection,
+        log: &MigrationLog,
+        migrations: Vec<Migration>,
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        conn.execute(sqlx::raw_sql(AssertSqlSafe(log.create.clone())))
+            .await?;
+        let done: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(log.applied.clone()))
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut applied = Vec::new();
+        for m in migrations {
+            if done.contains(&m.version) {
+                continue;
+            }
+            conn.execute(sqlx::raw_sql(AssertSqlSafe(m.sql))).await?;
+            sqlx::query(AssertSqlSafe(log.record.clone()))
+                .bind(m.version)
+                .bind(m.description)
+                .execute(&mut *conn)
+                .await?;
+            applied.push(m.version);
+        }
+        Ok(applied)
+    }
 }

@@ -29,11 +29,7 @@ mod tx;
 #[cfg(any(feature = "sqlite", feature = "mysql"))]
 pub(crate) use batch::LockOrder;
 pub use error::Failure;
-#[cfg(feature = "mysql")]
-pub(crate) use migrate::apply_migrations;
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub(crate) use migrate::migrate_in_transaction;
-pub(crate) use migrate::{Migration, MigrationLog};
+pub(crate) use migrate::{Migration, MigrationLog, Migrator};
 pub use tx::{DefaultDb, Tx};
 
 /// The dedup table when none is configured.
