@@ -287,6 +287,21 @@ macro_rules! sql_store_suite {
             );
         }
 
+        /// A TTL too long for the database's timestamps is kept 1,000
+        /// years, not refused.
+        #[tokio::test]
+        async fn a_very_long_ttl_is_capped_not_refused() {
+            let db = $db::Db::new().await;
+            let key = Key::new("k").unwrap();
+            let forever = Some(Duration::from_secs(u64::MAX / 4));
+            let mut tx = db.store.begin().await.unwrap();
+            let got = db.store.claim(&mut tx, &[request(&key, 1, forever)]).await.unwrap();
+            db.store.commit(tx, &[]).await.unwrap();
+            assert_eq!(got, vec![Claim::New { token: 0 }]);
+            let years = db.ttl_seconds("direct").await / (366.0 * 86400.0);
+            assert!((999.0..=1000.0).contains(&years), "{years} years");
+        }
+
         // --- conflict: same key, other payload ---------------------------------
 
         #[idempotent(

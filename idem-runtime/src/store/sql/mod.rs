@@ -321,10 +321,14 @@ pub(crate) const TWIN: Claim = Claim::InProgress {
     retry_after: std::time::Duration::ZERO,
 };
 
+/// The longest time to live a record gets: 1,000 years (longer ones would
+/// overflow the databases' timestamps instead of meaning "very long").
+const MAX_TTL_MILLIS: i64 = 1_000 * 366 * 24 * 3_600 * 1_000;
+
 /// A record's time to live in milliseconds, `None` for "forever".
 pub(crate) fn ttl_millis(r: &ClaimRequest<'_>) -> Option<i64> {
     r.ttl
-        .map(|t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX))
+        .map(|t| i64::try_from(t.as_millis()).map_or(MAX_TTL_MILLIS, |ms| ms.min(MAX_TTL_MILLIS)))
 }
 
 impl<D: Dialect> TxStore for SqlStore<D> {
