@@ -8,6 +8,8 @@
 //! the named fields as "same key, other message" (a key conflict).
 
 mod common;
+#[path = "common/mysql.rs"]
+mod mysql;
 #[path = "common/pg.rs"]
 mod pg;
 #[path = "common/redis.rs"]
@@ -255,6 +257,13 @@ store_suite!(
     "retries-postgres",
     "retries-postgres-amount",
     pg::Db::new().await.store
+);
+store_suite!(
+    mysql_store,
+    "mysql",
+    "retries-mysql",
+    "retries-mysql-amount",
+    mysql::Db::new().await.store
 );
 store_suite!(
     redis,
