@@ -7,6 +7,9 @@
 //! Only a handler that opts in with `fingerprint = [...]` sees a change of
 //! the named fields as "same key, other message" (a key conflict).
 
+// `mysql` and `pg` each carry their own copy of the shared SQL test helpers.
+#![allow(clippy::duplicate_mod)]
+
 mod common;
 #[path = "common/mysql.rs"]
 mod mysql;
