@@ -39,6 +39,8 @@ pub mod service;
 pub mod source;
 pub mod store;
 mod sync;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use ack::{Ack, AckMode};
 pub use binding::{BuildError, HandlerDescriptor, Stores};

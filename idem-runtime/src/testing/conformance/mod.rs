@@ -1,0 +1,129 @@
+//! The store conformance suite: one call checks every rule the
+//! [`LeaseStore`] or [`TxStore`] docs state, and fails naming the rule
+//! broken, what happened and how to fix it.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use idem_runtime::store::memory::MemoryStore;
+//! use idem_runtime::testing::conformance;
+//!
+//! conformance::lease_store(MemoryStore::new).await;
+//! # }
+//! ```
+//!
+//! For your own store, in a test: `conformance::lease_store(|| MyStore::new()).await`
+//! or `conformance::tx_store(|| my_store.clone()).await`. The suite calls the
+//! closure once per rule. Each rule writes its own records (under a handler
+//! name of its own), so the closure may hand out clones of one connected
+//! store; a store with its own key prefix or schema is cleaner still.
+//! [`LeaseRule`] and [`TxRule`] list the rules; `Rule::check` runs one.
+//!
+//! Leases and TTLs run on the store's clock (the wall clock, a server's
+//! clock), so the rules that wait for an expiry use leases and TTLs of
+//! 200 ms and poll until the record is free, with margins that do not make
+//! a loaded machine fail the suite: a record may look free at most 25 ms
+//! early and must be free at most 10 s late. The whole suite takes a few
+//! seconds. Run it on tokio's normal clock (not `start_paused`): the stores
+//! do not read tokio's clock. The failure is a panic, like an `assert!`:
+//!
+//! ```text
+//! idem store conformance: store `map` breaks the LeaseStore rule: release deletes the lease only if it is still the caller's (same token); …
+//!   what happened: after release() with token 2 of a lease taken with token 1: claim answered New { token: 3 }, expected InProgress
+//!   fix: in release(), delete the record only when it is a lease whose token equals claimed.token
+//! ```
+
+mod check;
+mod lease;
+mod shared;
+mod tx;
+
+use std::any::Any;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt;
+
+pub use lease::LeaseRule;
+pub use tx::TxRule;
+
+use crate::store::{LeaseStore, TxStore};
+
+/// Checks every [`LeaseRule`] on stores from `new_store` (called once per
+/// rule), then panics listing every rule the store breaks, if any.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// idem_runtime::testing::conformance::lease_store(idem_runtime::store::memory::MemoryStore::new).await;
+/// # }
+/// ```
+pub async fn lease_store<S: LeaseStore>(mut new_store: impl FnMut() -> S) {
+    let mut kind = None;
+    let mut failures = Vec::new();
+    for &rule in LeaseRule::ALL {
+        let store = new_store();
+        kind.get_or_insert(store.kind());
+        if let Err(panic) = catch(rule.check(store)).await {
+            failures.push(message(panic));
+        }
+    }
+    report("LeaseStore", kind, LeaseRule::ALL.len(), &failures);
+}
+
+/// Checks every [`TxRule`] on stores from `new_store` (called once per
+/// rule), then panics listing every rule the store breaks, if any.
+///
+/// The rules that check waiting claims keep one transaction open while
+/// another claims the same key, so the store must be able to run two
+/// transactions at once (or make the second `begin` wait, like SQLite's
+/// single writer).
+///
+/// ```
+/// # #[cfg(feature = "sqlite")]
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_runtime::StoreError> {
+/// use idem_runtime::store::sqlite::SqliteStore;
+///
+/// let store = SqliteStore::open("sqlite::memory:").await?;
+/// store.migrate().await?;
+/// idem_runtime::testing::conformance::tx_store(|| store.clone()).await;
+/// # Ok(()) }
+/// # #[cfg(not(feature = "sqlite"))] fn main() {}
+/// ```
+pub async fn tx_store<S: TxStore>(mut new_store: impl FnMut() -> S) {
+    let mut kind = None;
+    let mut failures = Vec::new();
+    for &rule in TxRule::ALL {
+        let store = new_store();
+        kind.get_or_insert(store.kind());
+        if let Err(panic) = catch(rule.check(store)).await {
+            failures.push(message(panic));
+        }
+    }
+    report("TxStore", kind, TxRule::ALL.len(), &failures);
+}
+
+async fn catch(check: impl Future<Output = ()>) -> Result<(), Box<dyn Any + Send>> {
+    AssertUnwindSafe(check).catch_unwind().await
+}
+
+fn message(panic: Box<dyn Any + Send>) -> String {
+    match panic.downcast::<String>() {
+        Ok(s) => *s,
+        Err(panic) => match panic.downcast::<&'static str>() {
+            Ok(s) => (*s).to_owned(),
+            Err(_) => "a rule panicked with a non-text payload".to_owned(),
+        },
+    }
+}
+
+#[track_caller]
+fn report(contract: &str, kind: Option<&str>, rules: usize, failures: &[String]) {
+    if failures.is_empty() {
+        return;
+    }
+    panic!(
+        "idem store conformance: store `{}` breaks {} of the {rules} {contract} rules:\n\n{}",
+        kind.unwrap_or("?"),
+        failures.len(),
+        failures.join("\n\n")
+    );
+}

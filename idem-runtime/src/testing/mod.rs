@@ -1,0 +1,2 @@
+//! Test tools for handler and store authors (feature `testing`).
+pub mod conformance;
