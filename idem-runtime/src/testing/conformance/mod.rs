@@ -5,9 +5,11 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! use idem_runtime::store::memory::MemoryStore;
-//! use idem_runtime::testing::conformance;
+//! use idem_runtime::testing::conformance::LeaseRule;
 //!
-//! conformance::lease_store(MemoryStore::new).await;
+//! // One rule at a time…
+//! LeaseRule::ConflictOnlyWhenBothFingerprintsDiffer.check(MemoryStore::new()).await;
+//! // …or all of them: conformance::lease_store(MyStore::new).await
 //! # }
 //! ```
 //!
@@ -51,9 +53,26 @@ use crate::store::{LeaseStore, TxStore};
 /// Checks every [`LeaseRule`] on stores from `new_store` (called once per
 /// rule), then panics listing every rule the store breaks, if any.
 ///
-/// ```
+/// The `testing` module docs show a store that passes. One that forgets
+/// everything does not:
+///
+/// ```should_panic
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// idem_runtime::testing::conformance::lease_store(idem_runtime::store::memory::MemoryStore::new).await;
+/// use idem_runtime::store::{Claim, ClaimRequest, Claimed, LeaseStore, StoreError};
+///
+/// struct Forgetful;
+///
+/// impl LeaseStore for Forgetful {
+///     fn kind(&self) -> &'static str { "forgetful" }
+///     async fn claim(&self, _: &ClaimRequest<'_>) -> Result<Claim, StoreError> {
+///         Ok(Claim::New { token: 1 })
+///     }
+///     async fn complete(&self, _: &Claimed<'_>) -> Result<(), StoreError> { Ok(()) }
+///     async fn release(&self, _: &Claimed<'_>) -> Result<(), StoreError> { Ok(()) }
+/// }
+///
+/// // Panics: "store `forgetful` breaks 11 of the 13 LeaseStore rules: …"
+/// idem_runtime::testing::conformance::lease_store(|| Forgetful).await;
 /// # }
 /// ```
 pub async fn lease_store<S: LeaseStore>(mut new_store: impl FnMut() -> S) {
@@ -77,16 +96,35 @@ pub async fn lease_store<S: LeaseStore>(mut new_store: impl FnMut() -> S) {
 /// transactions at once (or make the second `begin` wait, like SQLite's
 /// single writer).
 ///
-/// ```
-/// # #[cfg(feature = "sqlite")]
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_runtime::StoreError> {
-/// use idem_runtime::store::sqlite::SqliteStore;
+/// ```should_panic
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use idem_runtime::store::{Claim, ClaimRequest, Claimed, NoTx, StoreError, TxStore};
 ///
-/// let store = SqliteStore::open("sqlite::memory:").await?;
-/// store.migrate().await?;
-/// idem_runtime::testing::conformance::tx_store(|| store.clone()).await;
-/// # Ok(()) }
-/// # #[cfg(not(feature = "sqlite"))] fn main() {}
+/// /// Claims every key, remembers nothing: no transaction at all.
+/// struct Forgetful;
+///
+/// // Keep the trait's `Self::Tx<'_>` in the signatures: spelling out
+/// // `&mut NoTx` there does not match the trait's lifetimes (E0195).
+/// impl TxStore for Forgetful {
+///     type Tx<'c> = NoTx;
+///     fn kind(&self) -> &'static str { "forgetful" }
+///     async fn begin(&self) -> Result<NoTx, StoreError> { Ok(NoTx) }
+///     async fn claim(&self, _: &mut Self::Tx<'_>, r: &[ClaimRequest<'_>]) -> Result<Vec<Claim>, StoreError> {
+///         Ok(vec![Claim::New { token: 0 }; r.len()])
+///     }
+///     async fn commit(&self, _: NoTx, _: &[Claimed<'_>]) -> Result<(), StoreError> { Ok(()) }
+///     async fn rollback(&self, _: NoTx) -> Result<(), StoreError> { Ok(()) }
+///     async fn savepoint<'t>(&self, _: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, StoreError> {
+///         Ok(NoTx)
+///     }
+///     async fn end_savepoint(&self, _: Self::Tx<'_>, _: bool) -> Result<(), StoreError> { Ok(()) }
+///     async fn unclaim(&self, _: &mut Self::Tx<'_>, _: &[Claimed<'_>]) -> Result<(), StoreError> {
+///         Ok(())
+///     }
+/// }
+///
+/// idem_runtime::testing::conformance::tx_store(|| Forgetful).await;
+/// # }
 /// ```
 pub async fn tx_store<S: TxStore>(mut new_store: impl FnMut() -> S) {
     let mut kind = None;
