@@ -1,14 +1,16 @@
-//! The same semantics with the memory store (a lease store: no shared
-//! transaction, a done-record written after the handler).
+//! What only the memory store (a lease store: no shared transaction, a
+//! done-record written after the handler) is tested for here. The delivery
+//! scenarios every store shares (duplicates, lost acks, a crash before the
+//! ack, a failure releasing the lease, a failing batch item, conflicts) run
+//! for it in `tests/store_conformance.rs`, with the conformance suite.
 
 mod common;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use common::{order, run_until_idle};
-use idem::source::memory::{BrokerEvent, Faults, MemoryBroker, Message};
+use idem::source::memory::{BrokerEvent, MemoryBroker, Message};
 use idem::store::memory::MemoryStore;
 use idem::{Runtime, idempotent};
 use serde::Deserialize;
@@ -31,150 +33,6 @@ fn record(effects: &Effects, key: &str) {
 
 fn counts(effects: &Effects) -> HashMap<String, u32> {
     effects.lock().unwrap().clone().unwrap_or_default()
-}
-
-static DUP: Effects = Mutex::new(None);
-
-#[idempotent(topic = "dup", key = "order_id", store = "memory", name = "mem-dup")]
-async fn mem_dup(o: Order) -> Result<(), String> {
-    record(&DUP, &o.order_id);
-    Ok(())
-}
-
-#[tokio::test]
-async fn redelivered_message_applies_once() {
-    let broker = MemoryBroker::with_faults(Faults {
-        duplicate: 0.5,
-        lose_ack: 0.3,
-        seed: 3,
-        ..Faults::default()
-    });
-    for i in 0..40 {
-        broker.publish("dup", order(&format!("k{i}"), 0).id(format!("m{i}")));
-    }
-    let rt = Runtime::builder(broker.clone())
-        .store(MemoryStore::new())
-        .handlers(["mem-dup"])
-        .build()
-        .unwrap();
-    run_until_idle(&rt, &broker).await;
-    let c = counts(&DUP);
-    assert_eq!(c.len(), 40);
-    assert!(c.values().all(|&n| n == 1), "{c:?}");
-    assert!(rt.stats_of("mem-dup").unwrap().duplicate > 0);
-}
-
-static CRASH: Effects = Mutex::new(None);
-
-#[idempotent(
-    topic = "crash",
-    key = "order_id",
-    store = "memory",
-    name = "mem-crash"
-)]
-async fn mem_crash(o: Order) -> Result<(), String> {
-    record(&CRASH, &o.order_id);
-    Ok(())
-}
-
-#[tokio::test]
-async fn crash_between_commit_and_ack_is_acked_as_duplicate() {
-    let broker = MemoryBroker::new();
-    broker.publish("crash", order("k1", 0).id("m1"));
-    broker.lose_next_acks("crash", "m1", 2);
-    let rt = Runtime::builder(broker.clone())
-        .store(MemoryStore::new())
-        .handlers(["mem-crash"])
-        .build()
-        .unwrap();
-    run_until_idle(&rt, &broker).await;
-    assert_eq!(counts(&CRASH).get("k1"), Some(&1));
-    assert_eq!(rt.stats_of("mem-crash").unwrap().duplicate, 2);
-    assert_eq!(
-        broker
-            .events()
-            .iter()
-            .filter(|e| matches!(e, BrokerEvent::AckLost { .. }))
-            .count(),
-        2
-    );
-}
-
-static RELEASE_CALLS: AtomicU32 = AtomicU32::new(0);
-
-#[idempotent(
-    topic = "release",
-    key = "order_id",
-    store = "memory",
-    name = "mem-release",
-    lease = "1h",
-    backoff = "1ms..2ms"
-)]
-async fn mem_release(_o: Order) -> Result<(), String> {
-    if RELEASE_CALLS.fetch_add(1, Ordering::SeqCst) == 0 {
-        return Err("first attempt fails".into());
-    }
-    Ok(())
-}
-
-#[tokio::test]
-async fn failure_releases_the_lease_so_the_retry_runs_at_once() {
-    // With a one-hour lease, the retry can only run because the failed
-    // attempt released its lease.
-    let broker = MemoryBroker::new();
-    broker.publish("release", order("k1", 0));
-    let store = MemoryStore::new();
-    let rt = Runtime::builder(broker.clone())
-        .store(store)
-        .handlers(["mem-release"])
-        .build()
-        .unwrap();
-    run_until_idle(&rt, &broker).await;
-    assert_eq!(RELEASE_CALLS.load(Ordering::SeqCst), 2);
-    let s = rt.stats_of("mem-release").unwrap();
-    assert_eq!((s.failed, s.processed), (1, 1));
-}
-
-static BATCH: Effects = Mutex::new(None);
-
-#[idempotent(
-    topic = "batch",
-    key = "order_id",
-    store = "memory",
-    name = "mem-batch",
-    ack = "batch",
-    backoff = "1ms..2ms"
-)]
-async fn mem_batch(o: Order) -> Result<(), String> {
-    let first = !counts(&BATCH).contains_key(&format!("attempt:{}", o.order_id));
-    record(&BATCH, &format!("attempt:{}", o.order_id));
-    if o.order_id == "k2" && first {
-        return Err("k2 fails once".into());
-    }
-    record(&BATCH, &o.order_id);
-    Ok(())
-}
-
-#[tokio::test]
-async fn batch_item_failure_retries_only_that_item() {
-    let broker = MemoryBroker::new();
-    for i in 1..=4 {
-        broker.publish("batch", order(&format!("k{i}"), 0));
-    }
-    broker.publish("batch", Message::new("not json").id("poison"));
-    let rt = Runtime::builder(broker.clone())
-        .store(MemoryStore::new())
-        .handlers(["mem-batch"])
-        .build()
-        .unwrap();
-    run_until_idle(&rt, &broker).await;
-    let c = counts(&BATCH);
-    for i in 1..=4 {
-        assert_eq!(c.get(&format!("k{i}")), Some(&1), "{c:?}");
-    }
-    assert_eq!(c.get("attempt:k1"), Some(&1));
-    assert_eq!(c.get("attempt:k2"), Some(&2));
-    assert_eq!(broker.dead_letters("batch.dlq").len(), 1);
 }
 
 // --- manual_immediate with a lease store: the ack goes out at ack.ack() ----

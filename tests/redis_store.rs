@@ -2,6 +2,11 @@
 //! key prefix per test so tests run in parallel), private `redis-server`
 //! processes for crashes, restarts, passwords and exact command counts, and
 //! a private three-master Redis Cluster. A missing server fails the test.
+//!
+//! The rules of the `LeaseStore` contract (release frees only our own
+//! lease, conflicts, expiry, …) and the delivery scenarios every store
+//! shares run for Redis in `tests/store_conformance.rs`; the cluster test
+//! below runs the conformance suite on a cluster too.
 
 mod common;
 #[path = "common/redis.rs"]
@@ -408,147 +413,6 @@ async fn a_slow_handler_overtaken_after_failover_leaves_the_new_record() {
     assert_eq!(store.lost_leases(), 1);
     let done = inspect.get(&key).await.unwrap();
     assert!(done.ends_with(r#"|"second""#), "{done}");
-    inspect.cleanup(store.prefix()).await;
-}
-
-// --- failure releases the lease (only our own) ----------------------------
-
-static RELEASE_CALLS: AtomicU32 = AtomicU32::new(0);
-
-#[idempotent(
-    topic = "release",
-    key = "order_id",
-    store = "redis",
-    name = "redis-release",
-    ttl = "10m",
-    lease = "1h",
-    backoff = "1ms..2ms"
-)]
-async fn redis_release(_o: Order) -> Result<(), String> {
-    if RELEASE_CALLS.fetch_add(1, Ordering::SeqCst) == 0 {
-        return Err("first attempt fails".into());
-    }
-    Ok(())
-}
-
-async fn release_releases_only_our_lease(store: RedisStore, inspect: Inspect) {
-    let k = Key::new("rel-1").unwrap();
-    let req = request(&k, 3, Duration::from_secs(3600), Some(MIN10));
-    let key = store.record_key("store-level", "rel-1");
-    let t = token(&claim_one(&store, &req).await);
-    // Someone else's token does not release it.
-    let wrong = Claimed {
-        request: &req,
-        token: t.wrapping_add(1).max(1),
-        result: None,
-    };
-    store.release_all(&[wrong]).await.unwrap();
-    assert!(inspect.get(&key).await.unwrap().starts_with("p|"));
-    let ours = Claimed {
-        request: &req,
-        token: t,
-        result: None,
-    };
-    store.release_all(&[ours]).await.unwrap();
-    assert_eq!(inspect.get(&key).await, None);
-    // Unclaim (batch items) does the same.
-    let t = token(&claim_one(&store, &req).await);
-    let ours = Claimed {
-        request: &req,
-        token: t,
-        result: None,
-    };
-    store.release_all(&[ours]).await.unwrap();
-    assert_eq!(inspect.get(&key).await, None);
-    // A released key can be claimed at once.
-    token(&claim_one(&store, &req).await);
-}
-
-#[tokio::test]
-async fn failure_releases_the_lease_so_the_retry_runs_at_once() {
-    let (store, inspect) = shared("release").await;
-    release_releases_only_our_lease(store.clone(), inspect.clone()).await;
-
-    // With a one-hour lease the retry can only run because the failed
-    // attempt released its lease.
-    let broker = MemoryBroker::new();
-    broker.publish("release", order("r-1", 0));
-    let rt = Runtime::builder(broker.clone())
-        .store(store.clone())
-        .handlers(["redis-release"])
-        .build()
-        .unwrap();
-    let started = Instant::now();
-    run_until_idle(&rt, &broker).await;
-    assert!(started.elapsed() < Duration::from_secs(30));
-    assert_eq!(RELEASE_CALLS.load(Ordering::SeqCst), 2);
-    let s = rt.stats_of("redis-release").unwrap();
-    assert_eq!((s.failed, s.processed), (1, 1));
-    inspect.cleanup(store.prefix()).await;
-}
-
-// --- same key, other payload: conflict ------------------------------------
-
-static CONFLICT: Effects = Mutex::new(None);
-
-#[idempotent(
-    topic = "conflict",
-    key = "order_id",
-    store = "redis",
-    name = "redis-conflict",
-    ttl = "10m",
-    fingerprint = ["seq"]
-)]
-async fn redis_conflict(o: Order) -> Result<(), String> {
-    record(&CONFLICT, &format!("{}:{}", o.order_id, o.seq));
-    Ok(())
-}
-
-async fn conflicts_are_reported(store: RedisStore) {
-    let k = Key::new("c-1").unwrap();
-    let first = request(&k, 1, SEC, Some(MIN10));
-    let other = request(&k, 2, SEC, Some(MIN10));
-    let t = token(&claim_one(&store, &first).await);
-    // In progress with another fingerprint: conflict, not "in progress".
-    assert_eq!(
-        claim_one(&store, &other).await,
-        Claim::Conflict {
-            stored: Fingerprint::new(1)
-        }
-    );
-    commit(&store, &first, t, None).await;
-    assert_eq!(
-        claim_one(&store, &other).await,
-        Claim::Conflict {
-            stored: Fingerprint::new(1)
-        }
-    );
-}
-
-#[tokio::test]
-async fn same_key_with_another_payload_is_a_conflict() {
-    let (store, inspect) = shared("conflict").await;
-    conflicts_are_reported(store.clone()).await;
-
-    let broker = MemoryBroker::new();
-    broker.publish("conflict", order("c-9", 1));
-    let rt = Runtime::builder(broker.clone())
-        .store(store.clone())
-        .handlers(["redis-conflict"])
-        .build()
-        .unwrap();
-    run_until_idle(&rt, &broker).await;
-    broker.publish("conflict", order("c-9", 2));
-    run_until_idle(&rt, &broker).await;
-    assert_eq!(count(&CONFLICT, "c-9:1"), 1);
-    assert_eq!(count(&CONFLICT, "c-9:2"), 0);
-    let dead = broker.dead_letters("conflict.dlq");
-    assert_eq!(dead.len(), 1);
-    assert!(
-        dead[0].letter.reason.contains("key conflict"),
-        "{}",
-        dead[0].letter.reason
-    );
     inspect.cleanup(store.prefix()).await;
 }
 
@@ -990,8 +854,8 @@ async fn the_store_works_on_a_redis_cluster() {
     duplicates_are_skipped(store.clone(), inspect.clone(), "c-dup").await;
     ttl_and_lease_are_set(store.clone(), inspect.clone()).await;
     late_completion_cannot_overwrite(builder.clone().prefix("c2"), inspect.clone()).await;
-    release_releases_only_our_lease(store.clone(), inspect.clone()).await;
-    conflicts_are_reported(store.clone()).await;
+    // Every LeaseStore rule on the cluster (records spread over the slots).
+    idem::testing::conformance::lease_store(|| store.clone()).await;
 
     // A batch spreads over the slots (one pipeline per slot) and nodes.
     let keys: Vec<Key> = (0..64)

@@ -243,8 +243,12 @@ impl TestKit {
             Scenario::LostAck => self.broker.lose_next_acks(self.meta.topic, &first, 1),
             Scenario::CrashBeforeAck => {
                 self.crash.arm(&first);
-                self.run_until(scenario, "the consumer acked the message", self.crash.fired())
-                    .await;
+                self.run_until(
+                    scenario,
+                    "the consumer acked the message",
+                    self.crash.fired(),
+                )
+                .await;
                 if let Err(e) = self.crash.hand_back().await {
                     panic!("the in-memory broker refused to take the delivery back: {e}");
                 }
@@ -252,8 +256,12 @@ impl TestKit {
             }
             Scenario::Once | Scenario::Twice | Scenario::All => {}
         }
-        self.run_until(scenario, "the broker settled every message", self.broker.wait_idle())
-            .await;
+        self.run_until(
+            scenario,
+            "the broker settled every message",
+            self.broker.wait_idle(),
+        )
+        .await;
         let after = self.stats();
         Report {
             handler: self.meta.name,
@@ -269,7 +277,10 @@ impl TestKit {
                 in_flight: after.in_flight,
             },
             events: self.broker.events().split_off(events),
-            dead_letters: self.broker.dead_letters(&self.dead_letter).split_off(dead_letters),
+            dead_letters: self
+                .broker
+                .dead_letters(&self.dead_letter)
+                .split_off(dead_letters),
             restarts,
         }
     }
@@ -353,7 +364,11 @@ impl TestKitBuilder {
             .get(&self.handler)
             .ok_or_else(|| BuildError::UnknownHandler {
                 name: self.handler.clone(),
-                known: registry.handlers().map(|m| m.name).collect::<Vec<_>>().join(", "),
+                known: registry
+                    .handlers()
+                    .map(|m| m.name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
             })?;
         Ok(TestKit {
             meta,
@@ -385,7 +400,9 @@ impl fmt::Display for Scenario {
             Scenario::Once => "delivered once",
             Scenario::Twice => "delivered twice",
             Scenario::LostAck => "ack lost, delivered again",
-            Scenario::CrashBeforeAck => "crash after commit, before ack; delivered again after a restart",
+            Scenario::CrashBeforeAck => {
+                "crash after commit, before ack; delivered again after a restart"
+            }
             Scenario::All => "several messages",
         })
     }
