@@ -132,83 +132,139 @@ pub struct Claimed<'a> {
 /// defaults loop over the single forms; override them when the store can do
 /// a batch in one round trip).
 ///
-/// What each method must do:
-/// - `claim`: no live record → take a lease for `request.lease` and answer
-///   [`Claim::New`] with a token unique to this claim; a live lease →
-///   [`Claim::InProgress`]; a done-record whose `ttl` has not run out →
-///   [`Claim::Done`]; either of those with another fingerprint (check with
-///   [`ClaimRequest::conflict_with`]) → [`Claim::Conflict`]. An **expired
-///   lease** (its holder crashed or is too slow) is free again: claim it.
-/// - `complete`: replace the lease with a done-record kept for
-///   `request.ttl` (forever when `None`), caching `result`. If the lease was
-///   **lost** meanwhile (it expired and another consumer claimed the key),
-///   do not overwrite that consumer's lease or record: the handler ran twice,
+/// Records are per `(request.handler, request.key)`. What each method must do:
+/// - `claim`: no record, or an expired one (a lease past its `lease`, a
+///   done-record past its `ttl`) → take a lease until now + `request.lease`
+///   and answer [`Claim::New`] with a token no other claim got (a counter or a
+///   random `u64`); a live lease → [`Claim::InProgress`] with the time it has
+///   left; a live done-record → [`Claim::Done`] with the result it was
+///   completed with; either of those when the record and the request both
+///   carry a fingerprint and they differ → [`Claim::Conflict`] instead (decide
+///   with [`ClaimRequest::conflict_with`]: a `None` on either side never
+///   conflicts). An **expired lease** (its holder crashed or is too slow) is
+///   free again: claim it, with a new token.
+/// - `complete`: over the caller's own lease (same token, even one that ran
+///   out) or no record, write a done-record kept for `request.ttl` (forever
+///   when `None`) with `result` cached. If the lease was **lost** meanwhile
+///   (it ran out and another consumer claimed the key, or completed it), do
+///   not overwrite that consumer's lease or record: the handler ran twice,
 ///   which is what a lease store cannot rule out; log it and return `Ok`.
-/// - `release`: delete the lease if it is still ours (same token), so the
-///   message can run again at once; otherwise leave the record alone.
+/// - `release`: delete the lease if it is still the caller's (same token),
+///   so that the message can run again at once; otherwise (another token's
+///   lease, a done-record) leave the record alone.
+/// - `claim_all`, `complete_all`, `release_all`: as the single forms, one
+///   answer per request, in request order; a key given twice in one
+///   `claim_all` is claimed once ([`Claim::InProgress`] for the later copy,
+///   which the default loop does by itself).
+/// - `purge_expired(limit)`: delete at most `limit` expired done-records, and
+///   nothing live; return how many. Stores whose records expire on their own
+///   (Redis) keep the default, `Ok(0)`.
 ///
 /// The handler's effect and the done-record are not atomic: a crash between
 /// them lets the lease expire and the message run again. Stores that can put
 /// the record into the handler's own transaction implement [`TxStore`].
 ///
+/// With the `testing` feature, `idem::testing::conformance::lease_store(||
+/// MyStore::new()).await` checks every one of these rules and names the one
+/// a store breaks, with the fix. This store, written from the rules above,
+/// passes it:
+///
 /// ```
 /// use std::collections::HashMap;
 /// use std::sync::Mutex;
+/// use std::sync::atomic::{AtomicU64, Ordering};
 /// use std::time::Instant;
 /// use idem_runtime::store::{Claim, ClaimRequest, Claimed, LeaseStore, StoreError};
 /// use idem_runtime::Fingerprint;
 ///
-/// /// Records by (handler, key): a lease until an instant, or done.
+/// enum Record {
+///     Lease { token: u64, until: Instant, fingerprint: Option<Fingerprint> },
+///     Done { expires: Option<Instant>, fingerprint: Option<Fingerprint>, result: Option<String> },
+/// }
+///
+/// /// Records by (handler, key), in process memory.
 /// #[derive(Default)]
 /// struct MapStore {
-///     records: Mutex<HashMap<(String, String), (Option<Instant>, u64, Option<Fingerprint>)>>,
-///     next: Mutex<u64>,
+///     records: Mutex<HashMap<(String, String), Record>>,
+///     tokens: AtomicU64,
+/// }
+///
+/// fn id(r: &ClaimRequest<'_>) -> (String, String) {
+///     (r.handler.to_owned(), r.key.as_str().to_owned())
 /// }
 ///
 /// impl LeaseStore for MapStore {
 ///     fn kind(&self) -> &'static str {
 ///         "map"
 ///     }
+///
 ///     async fn claim(&self, r: &ClaimRequest<'_>) -> Result<Claim, StoreError> {
-///         let mut records = self.records.lock().unwrap();
-///         let id = (r.handler.to_owned(), r.key.as_str().to_owned());
 ///         let now = Instant::now();
-///         match records.get(&id) {
-///             Some(&(lease, _, stored)) if lease.is_none_or(|until| until > now) => {
-///                 if let Some(conflict) = r.conflict_with(stored) {
-///                     return Ok(conflict);
-///                 }
-///                 Ok(match lease {
-///                     None => Claim::Done { cached: None },
-///                     Some(until) => Claim::InProgress { retry_after: until - now },
-///                 })
+///         let mut records = self.records.lock().unwrap();
+///         let live = match records.get(&id(r)) {
+///             Some(Record::Lease { until, fingerprint, .. }) if *until > now => {
+///                 Some((*fingerprint, Claim::InProgress { retry_after: *until - now }))
 ///             }
-///             _ => {
-///                 let token = { let mut n = self.next.lock().unwrap(); *n += 1; *n };
-///                 records.insert(id, (Some(now + r.lease), token, r.fingerprint));
-///                 Ok(Claim::New { token })
+///             Some(Record::Done { expires, fingerprint, result }) if expires.is_none_or(|e| e > now) => {
+///                 Some((*fingerprint, Claim::Done { cached: result.clone() }))
 ///             }
+///             _ => None, // no record, or an expired one
+///         };
+///         if let Some((stored, answer)) = live {
+///             return Ok(r.conflict_with(stored).unwrap_or(answer));
 ///         }
+///         let token = self.tokens.fetch_add(1, Ordering::Relaxed) + 1;
+///         records.insert(id(r), Record::Lease { token, until: now + r.lease, fingerprint: r.fingerprint });
+///         Ok(Claim::New { token })
 ///     }
+///
 ///     async fn complete(&self, c: &Claimed<'_>) -> Result<(), StoreError> {
 ///         let mut records = self.records.lock().unwrap();
-///         let id = (c.request.handler.to_owned(), c.request.key.as_str().to_owned());
-///         match records.get(&id) {
-///             Some(&(Some(_), token, _)) if token != c.token => {} // lost lease: not ours
-///             _ => { records.insert(id, (None, c.token, c.request.fingerprint)); }
+///         let ours = match records.get(&id(c.request)) {
+///             Some(Record::Lease { token, .. }) => *token == c.token,
+///             Some(Record::Done { .. }) => false, // another consumer completed it
+///             None => true,
+///         };
+///         if ours {
+///             let expires = c.request.ttl.map(|ttl| Instant::now() + ttl);
+///             let result = c.result.map(str::to_owned);
+///             records.insert(id(c.request), Record::Done { expires, fingerprint: c.request.fingerprint, result });
 ///         }
 ///         Ok(())
 ///     }
+///
 ///     async fn release(&self, c: &Claimed<'_>) -> Result<(), StoreError> {
 ///         let mut records = self.records.lock().unwrap();
-///         let id = (c.request.handler.to_owned(), c.request.key.as_str().to_owned());
-///         if matches!(records.get(&id), Some(&(Some(_), token, _)) if token == c.token) {
-///             records.remove(&id);
+///         if matches!(records.get(&id(c.request)), Some(Record::Lease { token, .. }) if *token == c.token) {
+///             records.remove(&id(c.request));
 ///         }
 ///         Ok(())
 ///     }
+///
+///     async fn purge_expired(&self, limit: u32) -> Result<u64, StoreError> {
+///         let now = Instant::now();
+///         let mut records = self.records.lock().unwrap();
+///         let expired: Vec<_> = records
+///             .iter()
+///             .filter(|(_, r)| matches!(r, Record::Done { expires: Some(e), .. } if *e <= now))
+///             .map(|(k, _)| k.clone())
+///             .take(limit as usize)
+///             .collect();
+///         for k in &expired {
+///             records.remove(k);
+///         }
+///         Ok(expired.len() as u64)
+///     }
 /// }
-/// # let _ = MapStore::default();
+///
+/// # #[cfg(feature = "testing")]
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// // In a test of your crate (dev-dependency `idem` with feature "testing"):
+/// idem_runtime::testing::conformance::lease_store(MapStore::default).await;
+/// # }
+/// # #[cfg(not(feature = "testing"))]
+/// # fn main() { let _ = MapStore::default(); }
 /// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not an idem lease store",
@@ -303,11 +359,91 @@ pub trait LeaseStore: Send + Sync + 'static {
 /// [`savepoint`](Self::savepoint) and the failed items' claims
 /// [`unclaim`](Self::unclaim)ed before the commit.
 ///
-/// `claim` answers as for [`LeaseStore`], except that an uncommitted claim
-/// of another transaction is waited for (the database's row lock) and then
-/// read as committed ([`Claim::Done`]) or gone ([`Claim::New`]), and a key
-/// given twice in one call is claimed once ([`Claim::InProgress`] for the
-/// later copies). A claim never reaches the handler as a unique violation.
+/// Records are per `(request.handler, request.key)`. What each method must do:
+/// - `claim`: answers as for [`LeaseStore`], without leases: no record, or
+///   one past its `ttl` → write the record (fingerprint, expiry now +
+///   `request.ttl`, none for `None`) **through the transaction** and answer
+///   [`Claim::New`] (token 0); a committed record → [`Claim::Done`] with its
+///   cached result, or [`Claim::Conflict`] per [`ClaimRequest::conflict_with`].
+///   An uncommitted claim of another transaction is waited for (the
+///   database's row lock) and then read as committed ([`Claim::Done`]) or
+///   gone ([`Claim::New`]), never answered early and never as a unique
+///   violation. A key given twice in one call is claimed once
+///   ([`Claim::InProgress`] for the later copies). One answer per request,
+///   in request order.
+/// - `commit`: save each `done.result` with its record, then commit.
+/// - `rollback`: undo everything since `begin`, the claims included.
+/// - `savepoint` / `end_savepoint(keep)`: a nested transaction whose claims
+///   are kept (`true`) or undone (`false`).
+/// - `unclaim`: delete these claims inside a transaction that will still
+///   commit.
+/// - `purge_expired(limit)`: as for [`LeaseStore`].
+///
+/// With the `testing` feature, `idem::testing::conformance::tx_store(||
+/// my_store.clone()).await` checks every one of these rules. A store of your
+/// own can wrap a built-in one, here to record which messages committed:
+///
+/// ```
+/// # #[cfg(feature = "sqlite")] mod example {
+/// use std::sync::Mutex;
+/// use idem_runtime::store::sqlite::SqliteStore;
+/// use idem_runtime::store::{Claim, ClaimRequest, Claimed, StoreError, TxStore};
+/// use idem_runtime::Tx;
+///
+/// pub struct Audited {
+///     pub inner: SqliteStore,
+///     pub committed: Mutex<Vec<String>>,
+/// }
+///
+/// // Keep `Self::Tx<'_>` in the signatures, as the trait has them.
+/// impl TxStore for Audited {
+///     type Tx<'c> = Tx<'c>;
+///
+///     fn kind(&self) -> &'static str {
+///         "audited"
+///     }
+///     async fn begin(&self) -> Result<Self::Tx<'static>, StoreError> {
+///         self.inner.begin().await
+///     }
+///     async fn claim(&self, tx: &mut Self::Tx<'_>, requests: &[ClaimRequest<'_>]) -> Result<Vec<Claim>, StoreError> {
+///         self.inner.claim(tx, requests).await
+///     }
+///     async fn commit(&self, tx: Self::Tx<'static>, done: &[Claimed<'_>]) -> Result<(), StoreError> {
+///         self.inner.commit(tx, done).await?;
+///         let ids = done.iter().map(|c| c.request.message_id.to_owned());
+///         self.committed.lock().unwrap().extend(ids);
+///         Ok(())
+///     }
+///     async fn rollback(&self, tx: Self::Tx<'static>) -> Result<(), StoreError> {
+///         self.inner.rollback(tx).await
+///     }
+///     async fn savepoint<'t>(&self, tx: &'t mut Self::Tx<'_>) -> Result<Self::Tx<'t>, StoreError> {
+///         self.inner.savepoint(tx).await
+///     }
+///     async fn end_savepoint(&self, savepoint: Self::Tx<'_>, keep: bool) -> Result<(), StoreError> {
+///         self.inner.end_savepoint(savepoint, keep).await
+///     }
+///     async fn unclaim(&self, tx: &mut Self::Tx<'_>, claimed: &[Claimed<'_>]) -> Result<(), StoreError> {
+///         self.inner.unclaim(tx, claimed).await
+///     }
+///     async fn purge_expired(&self, limit: u32) -> Result<u64, StoreError> {
+///         TxStore::purge_expired(&self.inner, limit).await
+///     }
+/// }
+/// # }
+///
+/// # #[cfg(all(feature = "sqlite", feature = "testing"))]
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), idem_runtime::StoreError> {
+/// # use example::Audited;
+/// # use idem_runtime::store::sqlite::SqliteStore;
+/// let inner = SqliteStore::open("sqlite::memory:").await?;
+/// inner.migrate().await?;
+/// idem_runtime::testing::conformance::tx_store(|| Audited { inner: inner.clone(), committed: Default::default() }).await;
+/// # Ok(()) }
+/// # #[cfg(not(all(feature = "sqlite", feature = "testing")))]
+/// # fn main() {}
+/// ```
 #[diagnostic::on_unimplemented(
     message = "store `{Self}` has no transaction to give the handler",
     label = "this handler takes a `tx` parameter",
