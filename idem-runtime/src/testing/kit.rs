@@ -34,7 +34,7 @@ type Register = Box<dyn FnOnce(RuntimeBuilder<KitBroker>) -> RuntimeBuilder<KitB
 /// own key unless a scenario is about a key already done.
 ///
 /// ```
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_runtime::BuildError> {
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_runtime::testing::KitError> {
 /// use std::sync::atomic::{AtomicU32, Ordering};
 /// use idem::idempotent;
 /// use idem::testing::{Message, TestKit};
@@ -102,7 +102,7 @@ impl TestKit {
     /// name), with a fresh [`MemoryStore`] and nothing else: enough for
     /// handlers on `store = "memory"` or without a store. Other stores go
     /// through [`TestKit::builder`].
-    pub fn new(handler: &str) -> Result<TestKit, BuildError> {
+    pub fn new(handler: &str) -> Result<TestKit, KitError> {
         Self::builder(handler).build()
     }
 
@@ -341,7 +341,13 @@ impl TestKitBuilder {
 
     /// Binds the handler to its store, as `Runtime::build` does (a missing
     /// store or an unknown handler name is an error that says so).
-    pub fn build(self) -> Result<TestKit, BuildError> {
+    pub fn build(self) -> Result<TestKit, KitError> {
+        let handler = self.handler.clone();
+        self.try_build()
+            .map_err(|source| KitError { source, handler })
+    }
+
+    fn try_build(self) -> Result<TestKit, BuildError> {
         let broker = MemoryBroker::with_faults(self.faults);
         let crash = Arc::new(CrashSwitch::default());
         let source = KitBroker {
@@ -382,6 +388,53 @@ impl TestKitBuilder {
             next_id: AtomicU64::new(0),
             one_at_a_time: tokio::sync::Mutex::new(()),
         })
+    }
+}
+
+/// A [`TestKit`] could not be built: the runtime's [`BuildError`], and what
+/// to change in the test. Its `Debug` is its message, so that `unwrap()` and
+/// a test returning `Result` show the fix.
+pub struct KitError {
+    source: BuildError,
+    handler: String,
+}
+
+impl KitError {
+    /// The runtime's error.
+    pub fn build_error(&self) -> &BuildError {
+        &self.source
+    }
+}
+
+impl fmt::Display for KitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.source)?;
+        match &self.source {
+            BuildError::MissingStore { store_type, .. } => write!(
+                f,
+                "; in a test, register it on the kit: `TestKit::builder({:?}).store(store).build()`, `store` being a `{store_type}`",
+                self.handler
+            ),
+            BuildError::UnknownHandler { known, .. } if known.is_empty() => f.write_str(
+                "; no handler at all is linked into this test binary: a test links a library crate only when it uses an item of it, so add `use my_crate as _;` (your crate's name) to the test file",
+            ),
+            BuildError::UnknownHandler { .. } => f.write_str(
+                "; the kit finds handlers by their `name = \"…\"` (the fn name when there is none) among those linked into the test binary",
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl fmt::Debug for KitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::error::Error for KitError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
     }
 }
 
@@ -487,9 +540,10 @@ impl Report {
 
     /// Asserts that the scenario's first message went to the dead letters
     /// with a reason containing `reason`, and that nothing was processed;
-    /// returns its dead letter.
+    /// returns its dead letter (owned, so that
+    /// `let letter = kit.deliver(m).await.assert_dead_lettered("…")` works).
     #[track_caller]
-    pub fn assert_dead_lettered(&self, reason: &str) -> &DeadLetterRecord {
+    pub fn assert_dead_lettered(&self, reason: &str) -> DeadLetterRecord {
         let Some(first) = self.ids.first() else {
             self.fail("the scenario had no message");
         };
@@ -510,7 +564,7 @@ impl Report {
                 self.stats.processed
             ));
         }
-        record
+        record.clone()
     }
 
     /// The dead letter of message `id`, if it went there in this scenario.

@@ -21,7 +21,7 @@
 //! # A handler
 //!
 //! ```
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_runtime::BuildError> {
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_runtime::testing::KitError> {
 //! use std::sync::Mutex;
 //! use idem::idempotent;
 //! use idem::testing::{Message, TestKit};
@@ -166,6 +166,6 @@ mod kit;
 
 pub mod conformance;
 
-pub use kit::{Report, TestKit, TestKitBuilder};
+pub use kit::{KitError, Report, TestKit, TestKitBuilder};
 
 pub use crate::source::memory::{BrokerEvent, DeadLetterRecord, Faults, MemoryBroker, Message};
