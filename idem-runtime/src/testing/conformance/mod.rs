@@ -75,17 +75,15 @@ use crate::store::{LeaseStore, TxStore};
 /// idem_runtime::testing::conformance::lease_store(|| Forgetful).await;
 /// # }
 /// ```
-pub async fn lease_store<S: LeaseStore>(mut new_store: impl FnMut() -> S) {
-    let mut kind = None;
-    let mut failures = Vec::new();
-    for &rule in LeaseRule::ALL {
-        let store = new_store();
-        kind.get_or_insert(store.kind());
-        if let Err(panic) = catch(rule.check(store)).await {
-            failures.push(message(panic));
-        }
-    }
-    report("LeaseStore", kind, LeaseRule::ALL.len(), &failures);
+pub async fn lease_store<S: LeaseStore>(new_store: impl FnMut() -> S) {
+    run_all(
+        "LeaseStore",
+        LeaseRule::ALL,
+        new_store,
+        S::kind,
+        LeaseRule::check,
+    )
+    .await;
 }
 
 /// Checks every [`TxRule`] on stores from `new_store` (called once per
@@ -126,17 +124,30 @@ pub async fn lease_store<S: LeaseStore>(mut new_store: impl FnMut() -> S) {
 /// idem_runtime::testing::conformance::tx_store(|| Forgetful).await;
 /// # }
 /// ```
-pub async fn tx_store<S: TxStore>(mut new_store: impl FnMut() -> S) {
-    let mut kind = None;
+pub async fn tx_store<S: TxStore>(new_store: impl FnMut() -> S) {
+    run_all("TxStore", TxRule::ALL, new_store, S::kind, TxRule::check).await;
+}
+
+/// Checks each rule on a store of its own, then panics listing every rule
+/// broken (each rule's own panic is caught, so one broken rule does not
+/// hide the next).
+async fn run_all<R: Copy, S, F: Future<Output = ()>>(
+    contract: &str,
+    rules: &[R],
+    mut new_store: impl FnMut() -> S,
+    kind: impl Fn(&S) -> &'static str,
+    check: impl Fn(R, S) -> F,
+) {
+    let mut name = None;
     let mut failures = Vec::new();
-    for &rule in TxRule::ALL {
+    for &rule in rules {
         let store = new_store();
-        kind.get_or_insert(store.kind());
-        if let Err(panic) = catch(rule.check(store)).await {
+        name.get_or_insert(kind(&store));
+        if let Err(panic) = catch(check(rule, store)).await {
             failures.push(message(panic));
         }
     }
-    report("TxStore", kind, TxRule::ALL.len(), &failures);
+    report(contract, name, rules.len(), &failures);
 }
 
 async fn catch(check: impl Future<Output = ()>) -> Result<(), Box<dyn Any + Send>> {
