@@ -33,7 +33,7 @@ type Register = Box<dyn FnOnce(RuntimeBuilder<KitBroker>) -> RuntimeBuilder<KitB
 /// on one kit run one after another and share the store, so give each its
 /// own key unless a scenario is about a key already done.
 ///
-/// ```
+/// ```standalone_crate
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_runtime::testing::KitError> {
 /// use std::sync::atomic::{AtomicU32, Ordering};
 /// use idem::idempotent;
@@ -108,7 +108,7 @@ impl TestKit {
 
     /// Starts a kit for the handler named `handler`.
     ///
-    /// ```
+    /// ```standalone_crate
     /// # #[cfg(feature = "sqlite")]
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// use idem::{Tx, idempotent};

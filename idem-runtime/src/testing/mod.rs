@@ -20,7 +20,7 @@
 //!
 //! # A handler
 //!
-//! ```
+//! ```standalone_crate
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), idem_runtime::testing::KitError> {
 //! use std::sync::Mutex;
 //! use idem::idempotent;
