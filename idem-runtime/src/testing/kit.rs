@@ -27,6 +27,11 @@ type Register = Box<dyn FnOnce(RuntimeBuilder<KitBroker>) -> RuntimeBuilder<KitB
 /// Runs one `#[idempotent]` handler against the in-memory broker and a
 /// store, one delivery scenario at a time, and reports what happened.
 ///
+/// The kit finds the handler by its `name = "…"` among the handlers linked
+/// into the test binary. An integration test (`tests/*.rs`) links your
+/// library crate only if it uses an item of it: one that only names its
+/// handlers needs `use my_crate as _;` (the kit's error says so).
+///
 /// Each scenario publishes its messages, runs the handler's consumer until
 /// the broker has settled all of them (or the deadline passes: then it
 /// panics with what happened so far), and returns a [`Report`]. Scenarios
