@@ -529,9 +529,7 @@ store_suite! {
     rules = lease_rules,
     transactional = false,
     handlers = ("memory-one", "memory-batch"),
-    known = [
-        LostLeaseCompletionKeepsTheNewOwner: "MemoryStore::complete_all writes its done-record over the lease of the consumer that took the key over (store/memory.rs)",
-    ],
+    known = [],
 }
 
 store_suite! {

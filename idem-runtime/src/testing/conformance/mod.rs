@@ -5,11 +5,12 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! use idem_runtime::store::memory::MemoryStore;
-//! use idem_runtime::testing::conformance::LeaseRule;
+//! use idem_runtime::testing::conformance::{self, LeaseRule};
 //!
-//! // One rule at a time…
+//! // Every rule…
+//! conformance::lease_store(MemoryStore::new).await;
+//! // …or one at a time.
 //! LeaseRule::ConflictOnlyWhenBothFingerprintsDiffer.check(MemoryStore::new()).await;
-//! // …or all of them: conformance::lease_store(MyStore::new).await
 //! # }
 //! ```
 //!
