@@ -10,6 +10,31 @@ use crate::fingerprint::Fingerprint;
 use crate::key::Key;
 use crate::store::{Claim, ClaimRequest, Claimed, StoreError};
 
+/// A rule enum's `statement()`, `fix()` and `Display` (the statement),
+/// from its private `text()`: (slug, statement, fix).
+macro_rules! rule_text {
+    ($rule:ty) => {
+        impl $rule {
+            /// The rule in one sentence, as failures quote it.
+            pub fn statement(self) -> &'static str {
+                self.text().1
+            }
+
+            /// How to fix a store that breaks it.
+            pub fn fix(self) -> &'static str {
+                self.text().2
+            }
+        }
+
+        impl std::fmt::Display for $rule {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.statement())
+            }
+        }
+    };
+}
+pub(super) use rule_text;
+
 /// A lease or TTL that outlives any test.
 pub(super) const LONG: Duration = Duration::from_secs(3600);
 /// A lease or TTL the suite waits out. Short enough to keep the suite

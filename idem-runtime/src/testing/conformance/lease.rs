@@ -69,16 +69,6 @@ impl LeaseRule {
         LeaseRule::RecordsArePerHandler,
     ];
 
-    /// The rule in one sentence, as failures quote it.
-    pub fn statement(self) -> &'static str {
-        self.text().1
-    }
-
-    /// How to fix a store that breaks it.
-    pub fn fix(self) -> &'static str {
-        self.text().2
-    }
-
     fn text(self) -> (&'static str, &'static str, &'static str) {
         match self {
             LeaseRule::NewClaimsHaveUniqueTokens => (
@@ -225,11 +215,7 @@ impl LeaseRule {
     }
 }
 
-impl std::fmt::Display for LeaseRule {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.statement())
-    }
-}
+super::check::rule_text!(LeaseRule);
 
 /// A lease store under one check.
 struct Lease<'s, S> {

@@ -70,16 +70,6 @@ impl TxRule {
         TxRule::RecordsArePerHandler,
     ];
 
-    /// The rule in one sentence, as failures quote it.
-    pub fn statement(self) -> &'static str {
-        self.text().1
-    }
-
-    /// How to fix a store that breaks it.
-    pub fn fix(self) -> &'static str {
-        self.text().2
-    }
-
     fn text(self) -> (&'static str, &'static str, &'static str) {
         match self {
             TxRule::CommittedClaimIsDoneWithTheCachedResult => (
@@ -188,11 +178,7 @@ impl TxRule {
     }
 }
 
-impl std::fmt::Display for TxRule {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.statement())
-    }
-}
+super::check::rule_text!(TxRule);
 
 /// A transactional store under one check.
 struct Tx<S> {
