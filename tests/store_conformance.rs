@@ -4,6 +4,7 @@
 //! stamped per store by `store_suite!`.
 //!
 //! Stores: memory, SQLite, PostgreSQL (`DATABASE_URL`, a schema per test),
+//! MariaDB/MySQL (`MYSQL_URL`, a database per test),
 //! Redis (`REDIS_URL`, a key prefix per test), and `Audited`, a store of the
 //! test's own (a `TxStore` wrapping SQLite's). A missing server fails its
 //! tests with the fix in the message; nothing skips.
@@ -13,6 +14,8 @@
 //! it, and fails once the store is fixed, so the entry gets removed.
 
 mod common;
+#[path = "common/mysql.rs"]
+mod my;
 #[path = "common/pg.rs"]
 mod pg;
 #[path = "common/redis.rs"]
@@ -28,6 +31,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use idem::source::memory::{BrokerEvent, Faults, Message};
 use idem::store::memory::MemoryStore;
+use idem::store::mysql::MysqlStore;
 use idem::store::postgres::PostgresStore;
 use idem::store::redis::RedisStore;
 use idem::store::sqlite::SqliteStore;
@@ -79,6 +83,27 @@ impl Fixture for PostgresStore {
                 .execute(&pool)
                 .await
                 .expect("drop the test's schema");
+        })
+    }
+}
+
+impl Fixture for MysqlStore {
+    async fn new() -> Self {
+        my::Db::new().await.store
+    }
+
+    fn cleanup(&self) -> Cleanup {
+        let pool = self.pool().clone();
+        Box::pin(async move {
+            let database: String = sqlx::query_scalar("SELECT DATABASE()")
+                .fetch_one(&pool)
+                .await
+                .expect("the test's database");
+            let drop = format!("DROP DATABASE IF EXISTS {database}");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+                .execute(&pool)
+                .await
+                .expect("drop the test's database");
         })
     }
 }
@@ -547,9 +572,7 @@ store_suite! {
     rules = tx_rules,
     transactional = true,
     handlers = ("sqlite-one", "sqlite-batch"),
-    known = [
-        KeyTwiceInOneCall: "SqliteStore answers Done for the second copy of a key given twice in one claim (store/sqlite.rs)",
-    ],
+    known = [],
 }
 
 store_suite! {
@@ -562,14 +585,21 @@ store_suite! {
 }
 
 store_suite! {
+    mysql: MysqlStore,
+    attribute = "mysql",
+    rules = tx_rules,
+    transactional = true,
+    handlers = ("mysql-one", "mysql-batch"),
+    known = [],
+}
+
+store_suite! {
     audited: Audited,
     attribute = Audited,
     rules = tx_rules,
     transactional = true,
     handlers = ("audited-one", "audited-batch"),
-    known = [
-        KeyTwiceInOneCall: "it claims through SqliteStore, which answers Done for the second copy of a key given twice in one claim",
-    ],
+    known = [],
 }
 
 /// The custom store's own counter sees the kit's commits.
