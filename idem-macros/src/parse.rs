@@ -691,6 +691,12 @@ fn backoff(input: ParseStream<'_>) -> syn::Result<(Millis, Millis)> {
     })
 }
 
+/// A bare field name, as the string literal it stands for (same span).
+fn ident_as_lit(input: ParseStream<'_>) -> syn::Result<LitStr> {
+    let ident: syn::Ident = input.parse()?;
+    Ok(LitStr::new(&ident.to_string(), ident.span()))
+}
+
 /// `"customer.id"` → its segments.
 fn field_path(s: LitStr, what: &str) -> syn::Result<FieldPath> {
     let text = s.value();
@@ -718,7 +724,8 @@ fn field_path(s: LitStr, what: &str) -> syn::Result<FieldPath> {
     Ok(FieldPath { members, lit: s })
 }
 
-const KEY_FORMS: &str = "\"field\", \"nested.field\", (\"a\", \"b\"), header(\"Name\"), message_id";
+const KEY_FORMS: &str =
+    "\"field\" (or field), \"nested.field\", (\"a\", \"b\"), header(\"Name\"), message_id";
 
 fn key_spec(input: ParseStream<'_>, nested: bool) -> syn::Result<KeySpec> {
     if input.peek(LitStr) {
@@ -727,6 +734,11 @@ fn key_spec(input: ParseStream<'_>, nested: bool) -> syn::Result<KeySpec> {
     if input.peek(kw::message_id) {
         input.parse::<kw::message_id>()?;
         return Ok(KeySpec::MessageId);
+    }
+    // A bare field name, `key = order_id`: what rustc's "a field with a
+    // similar name exists" suggestion writes for a misspelt `key = "orderid"`.
+    if input.peek(syn::Ident) && !input.peek(kw::header) && !input.peek2(token::Paren) {
+        return Ok(KeySpec::Field(field_path(ident_as_lit(input)?, "key")?));
     }
     if input.peek(kw::header) {
         let h: kw::header = input.parse()?;
@@ -808,12 +820,20 @@ fn fingerprint(input: ParseStream<'_>) -> syn::Result<Vec<FieldPath>> {
     }
     let content;
     let bracket = syn::bracketed!(content in input);
-    let lits = Punctuated::<LitStr, Token![,]>::parse_terminated(&content).map_err(|e| {
-        syn::Error::new(
-            e.span(),
-            "`fingerprint` lists fields as strings: [\"amount\", \"currency\"]",
-        )
-    })?;
+    let field = |input: ParseStream<'_>| {
+        if input.peek(syn::Ident) {
+            ident_as_lit(input)
+        } else {
+            input.parse::<LitStr>()
+        }
+    };
+    let lits =
+        Punctuated::<LitStr, Token![,]>::parse_terminated_with(&content, field).map_err(|e| {
+            syn::Error::new(
+                e.span(),
+                "`fingerprint` lists fields as strings: [\"amount\", \"currency\"]",
+            )
+        })?;
     if lits.is_empty() {
         return Err(bad(bracket.span.join()));
     }
