@@ -58,6 +58,7 @@ struct State<T> {
     generation: u64,
     failures: u32,
     retry_at: Option<Instant>,
+    closed: bool,
 }
 
 /// A connection that is opened lazily, dropped when an operation reports it
@@ -83,6 +84,7 @@ impl<C: Connector> Reconnecting<C> {
                 generation: 0,
                 failures: 0,
                 retry_at: None,
+                closed: false,
             }),
             connecting: tokio::sync::Mutex::new(()),
         }
@@ -113,6 +115,11 @@ impl<C: Connector> Reconnecting<C> {
             if let Some(live) = &st.current {
                 return Ok(live.clone());
             }
+            if st.closed {
+                return Err(SourceError::Closed {
+                    source_name: C::SOURCE,
+                });
+            }
             if let Some(at) = st.retry_at {
                 let now = Instant::now();
                 if now < at {
@@ -130,6 +137,12 @@ impl<C: Connector> Reconnecting<C> {
         match self.connector.connect().await {
             Ok(conn) => {
                 let mut st = lock(&self.state);
+                if st.closed {
+                    // Closed while connecting: the new connection is dropped.
+                    return Err(SourceError::Closed {
+                        source_name: C::SOURCE,
+                    });
+                }
                 st.generation += 1;
                 if st.generation > 1 || st.failures > 0 {
                     tracing::info!(
@@ -156,6 +169,16 @@ impl<C: Connector> Reconnecting<C> {
                 Err(e)
             }
         }
+    }
+
+    /// Ends it for good: hands back the live connection (if any) for the
+    /// caller to close gracefully; every later `get` fails with
+    /// [`SourceError::Closed`] and nothing reconnects.
+    #[cfg_attr(not(feature = "rabbitmq"), allow(dead_code))]
+    pub(crate) fn close(&self) -> Option<Live<C::Conn>> {
+        let mut st = lock(&self.state);
+        st.closed = true;
+        st.current.take()
     }
 
     /// Reports generation `generation` lost; the next `get` reconnects.
@@ -348,6 +371,11 @@ mod tests {
         r.lost(1, &"reset by peer");
         let live = r.get().await.unwrap();
         assert_eq!((live.generation, live.conn), (2, 2));
+        // Closed: the live connection is handed back once, nothing reconnects.
+        assert_eq!(r.close().map(|l| l.generation), Some(2));
+        assert!(r.close().is_none());
+        assert!(matches!(r.get().await, Err(SourceError::Closed { .. })));
+        assert_eq!(r.connector().calls.load(Ordering::SeqCst), 3);
     }
 
     #[cfg(any(feature = "redis-streams", feature = "nats"))]

@@ -29,8 +29,9 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
@@ -218,13 +219,81 @@ fn refused(what: &str, e: &lapin::Error) -> SourceError {
 /// One subscription's connection: a consuming channel and a channel in
 /// confirm mode for dead letters.
 struct Session {
-    _connection: Connection,
+    connection: Connection,
     channel: Channel,
     publisher: Channel,
     consumer: tokio::sync::Mutex<Consumer>,
     /// Delivery tags handed out and not settled yet. Settling happens under
     /// this lock, so a `multiple` ack never overtakes a single one.
     unsettled: tokio::sync::Mutex<BTreeSet<u64>>,
+    /// Set once [`Session::close`] ran (or began): dropping it then does nothing more.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// Closes a session's channels in the only order AMQP allows: `basic.cancel`
+/// first, and its `cancel-ok` awaited, then the channels, then (when the
+/// caller owns it) the connection. Closing the channel while the cancel is
+/// in flight makes the `cancel-ok` arrive on a closing channel, which lapin
+/// treats as a protocol violation (`UNEXPECTED-FRAME: unexpected basic
+/// cancel-ok received on channel 1`) and answers by dropping the connection
+/// with an error; which is what dropping a lapin `Consumer`, its `Channel`
+/// and `Connection` together does, since their drops send cancel and
+/// close at once.
+async fn close_in_order(
+    channel: &Channel,
+    publisher: &Channel,
+    tag: ShortString,
+    connection: Option<&Connection>,
+) -> Result<(), lapin::Error> {
+    channel
+        .basic_cancel(tag, BasicCancelOptions { nowait: false })
+        .await?;
+    publisher.close(200, "OK".into()).await?;
+    channel.close(200, "OK".into()).await?;
+    if let Some(c) = connection {
+        c.close(200, "OK".into()).await?;
+    }
+    Ok(())
+}
+
+impl Session {
+    /// Stops the consumer and closes everything, gracefully (see
+    /// [`close_in_order`]). Deliveries not acked yet go back to the queue.
+    async fn close(&self) {
+        use std::sync::atomic::Ordering;
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let tag = self.consumer.lock().await.tag();
+        if let Err(e) =
+            close_in_order(&self.channel, &self.publisher, tag, Some(&self.connection)).await
+        {
+            // The connection is gone already: the broker requeued everything.
+            tracing::debug!(source = NAME, error = %e, "closing the session");
+        }
+    }
+}
+
+impl Drop for Session {
+    /// A session dropped without [`Session::close`] (a lost connection, an
+    /// aborted runtime): the same ordered close, in a task of its own. The
+    /// clones it holds keep the connection open until its channels closed.
+    fn drop(&mut self) {
+        if *self.closed.get_mut() || !self.connection.status().connected() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (channel, publisher) = (self.channel.clone(), self.publisher.clone());
+        let consumer = self.consumer.get_mut().clone();
+        runtime.spawn(async move {
+            if let Err(e) = close_in_order(&channel, &publisher, consumer.tag(), None).await {
+                tracing::debug!(source = NAME, error = %e, "closing a dropped session");
+            }
+            drop(consumer);
+        });
+    }
 }
 
 struct SessionConnector {
@@ -339,11 +408,12 @@ impl Connector for SessionConnector {
             .await
             .map_err(|e| unavailable("confirm.select", &e))?;
         Ok(Arc::new(Session {
-            _connection: connection,
+            connection,
             channel,
             publisher,
             consumer: tokio::sync::Mutex::new(consumer),
             unsettled: tokio::sync::Mutex::new(BTreeSet::new()),
+            closed: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 }
@@ -743,6 +813,12 @@ impl Subscription for RabbitSubscription {
         letter: &DeadLetter,
     ) -> Result<(), SourceError> {
         self.inner.publish_dead_letter(delivery, letter).await
+    }
+
+    async fn close(&self) {
+        if let Some(live) = self.inner.session.close() {
+            live.conn.close().await;
+        }
     }
 }
 
