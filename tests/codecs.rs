@@ -415,8 +415,10 @@ mod amqp {
         async fn dead_letters(&self, topic: &str) -> Vec<(Vec<u8>, String, String)> {
             let dlq = format!("{}.dlq", self.queue(topic));
             let mut out = Vec::new();
-            while let Ok(Some(m)) = self
-                .ch
+            // A channel of its own: until the source declared the queue,
+            // basic.get fails and the broker closes the channel.
+            let ch = self.conn.create_channel().await.expect("channel");
+            while let Ok(Some(m)) = ch
                 .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
                 .await
             {
@@ -439,6 +441,7 @@ mod amqp {
                     .unwrap_or_default();
                 out.push((m.data.clone(), reason, content_type));
             }
+            let _ = ch.close(200, "OK".into()).await;
             out
         }
 

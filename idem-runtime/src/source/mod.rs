@@ -17,7 +17,8 @@ pub mod namespaced;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(any(feature = "redis-streams", feature = "rabbitmq", feature = "nats"))]
-mod net;
+mod plumbing;
+
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 #[cfg(feature = "redis-streams")]

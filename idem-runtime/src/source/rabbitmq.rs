@@ -15,6 +15,7 @@
 //! | operation | AMQP |
 //! |---|---|
 //! | subscribe | a connection, a channel with `basic.qos(prefetch)`, `basic.consume` on the topic's queue (competing consumers share it) |
+//! | content type | the `content_type` property, as the `content-type` header the codec step checks (kept as the property on a dead letter) |
 //! | message id | the `message_id` property (empty when the producer set none: `key = message_id` then dead-letters it as a missing key) |
 //! | attempt | `x-delivery-count + 1` (quorum queues); on other queues 2 when `redelivered`, else 1 |
 //! | ack | `basic.ack(tag)` |
@@ -36,7 +37,9 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 
-use super::net::{self, Connector, Live, Reconnecting, dead_letter_fields, is_dead_letter_field};
+use super::plumbing::{
+    self, Connector, DeadLetterSink, Header, Live, Reconnecting, write_dead_letter,
+};
 use super::{DeadLetter, SourceError, SubscribeSpec, Subscription};
 use crate::delivery::{Delivery, Headers, Receipt};
 use crate::handler::Backoff;
@@ -54,6 +57,14 @@ const MAX_NAME: usize = 255;
 
 /// The header quorum queues count returned deliveries in.
 const DELIVERY_COUNT: &str = "x-delivery-count";
+
+/// The header the AMQP `content_type` property becomes on a [`Delivery`]
+/// (what the codec step checks), and is taken from on a dead letter.
+const CONTENT_TYPE: &str = "content-type";
+
+/// [`CONTENT_TYPE`], allocated once rather than per message.
+static CONTENT_TYPE_NAME: std::sync::LazyLock<Arc<str>> =
+    std::sync::LazyLock::new(|| Arc::from(CONTENT_TYPE));
 
 /// The kind of queue idem declares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -113,7 +124,7 @@ impl RabbitMq {
                 message: format!(
                     "invalid AMQP URL {}: {}; expected amqp://user:password@host:5672/%2f",
                     RedactedUrl(url),
-                    net::redacted(&e, url)
+                    plumbing::redacted(&e, url)
                 ),
             })?;
         Ok(RabbitMq {
@@ -123,7 +134,7 @@ impl RabbitMq {
                 queue_type: QueueType::Quorum,
                 dead_letter_exchange: "idem.dead-letter".into(),
                 fetch_wait: Duration::from_secs(1),
-                reconnect: net::RECONNECT_BACKOFF,
+                reconnect: plumbing::RECONNECT_BACKOFF,
             },
         })
     }
@@ -131,7 +142,7 @@ impl RabbitMq {
     /// A source for the URL in `AMQP_URL` (default
     /// `amqp://guest:guest@127.0.0.1:5672/%2f`).
     pub fn from_env() -> Result<Self, SourceError> {
-        Self::new(&net::url_from_env(URL_ENV, DEFAULT_URL))
+        Self::new(&plumbing::url_from_env(URL_ENV, DEFAULT_URL))
     }
 
     /// Whether idem declares the topic's queue, the dead-letter exchange and
@@ -186,16 +197,13 @@ async fn connect(url: &str) -> Result<Connection, SourceError> {
             message: format!(
                 "cannot connect to {}: {}; is RabbitMQ running there, with these credentials? (set {URL_ENV} to its URL)",
                 RedactedUrl(url),
-                net::redacted(&e, url)
+                plumbing::redacted(&e, url)
             ),
         })
 }
 
 fn unavailable(what: &str, e: &dyn fmt::Display) -> SourceError {
-    SourceError::Unavailable {
-        source_name: NAME,
-        message: format!("{what}: {e}"),
-    }
+    plumbing::unavailable(NAME, what, e)
 }
 
 /// A declaration the broker refused: retrying the same will not help.
@@ -230,15 +238,18 @@ struct Session {
     closed: std::sync::atomic::AtomicBool,
 }
 
-/// Closes a session's channels in the only order AMQP allows: `basic.cancel`
-/// first, and its `cancel-ok` awaited, then the channels, then (when the
-/// caller owns it) the connection. Closing the channel while the cancel is
-/// in flight makes the `cancel-ok` arrive on a closing channel, which lapin
-/// treats as a protocol violation (`UNEXPECTED-FRAME: unexpected basic
-/// cancel-ok received on channel 1`) and answers by dropping the connection
-/// with an error; which is what dropping a lapin `Consumer`, its `Channel`
-/// and `Connection` together does, since their drops send cancel and
-/// close at once.
+/// Closes a session in order: `basic.cancel` first and its `cancel-ok`
+/// awaited, then the channels, then (when the caller owns it) the
+/// connection, so nothing of the session is still talking to the broker
+/// when this returns.
+///
+/// Dropping lapin's `Consumer` instead only queues the cancel: if the broker
+/// cancels the consumer itself meanwhile (its queue deleted, as
+/// `bench_brokers` does right after a run), lapin forgets the reply it was
+/// waiting for, takes the `cancel-ok` that follows for a protocol violation
+/// (`AMQP hard error: UNEXPECTED-FRAME: unexpected basic cancel-ok received
+/// on channel 1, was awaiting for None`), logs it as an error and drops the
+/// connection. `tests/rabbitmq.rs` reproduces it.
 async fn close_in_order(
     channel: &Channel,
     publisher: &Channel,
@@ -581,6 +592,11 @@ impl SubInner {
                 headers.insert(k.as_str(), value_bytes(v));
             }
         }
+        // The property, not a header, is where AMQP producers say what the
+        // payload is; it wins over a header of the same name.
+        if let Some(content_type) = props.content_type() {
+            headers.insert(CONTENT_TYPE_NAME.clone(), content_type.as_str());
+        }
         let attempt = match count {
             Some(c) => c.saturating_add(1),
             None if m.redelivered => 2,
@@ -614,7 +630,10 @@ impl SubInner {
     }
 
     fn lost(&self, live: &Live<Arc<Session>>, e: &lapin::Error) -> SourceError {
-        let err = unavailable("channel", &net::redacted(e, &self.session.connector().url));
+        let err = unavailable(
+            "channel",
+            &plumbing::redacted(e, &self.session.connector().url),
+        );
         self.session.lost(live.generation, &err);
         err
     }
@@ -636,29 +655,39 @@ impl SubInner {
             .await
             .map_err(|e| self.lost(live, &e))
     }
+}
 
-    async fn publish_dead_letter(
+impl DeadLetterSink for SubInner {
+    fn reserved(&self, name: &str) -> bool {
+        // The broker's count, and the property the content type travels in.
+        name.eq_ignore_ascii_case(DELIVERY_COUNT) || name.eq_ignore_ascii_case(CONTENT_TYPE)
+    }
+
+    /// `basic.publish` to the dead-letter exchange, the confirm awaited,
+    /// then `basic.ack` of the original.
+    async fn publish_and_settle(
         &self,
         d: &Delivery,
-        letter: &DeadLetter,
+        headers: Vec<Header<'_>>,
     ) -> Result<(), SourceError> {
         let (generation, tag) = receipt_of(d)?;
         let live = self.session_of(generation)?;
         let mut table = FieldTable::default();
-        for (k, v) in d.headers.iter() {
-            if is_dead_letter_field(k) || k == DELIVERY_COUNT {
-                continue;
-            }
+        for (k, v) in headers {
             if let Ok(name) = ShortString::try_new(k) {
-                table.insert(name, AMQPValue::LongString(LongString::from(v)));
+                table.insert(name, AMQPValue::LongString(LongString::from(&*v)));
             }
-        }
-        for (k, v) in dead_letter_fields(d, letter) {
-            table.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
         }
         let mut props = BasicProperties::default()
             .with_headers(table)
             .with_delivery_mode(2);
+        if let Some(content_type) = d
+            .header(CONTENT_TYPE)
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .and_then(|c| ShortString::try_new(c).ok())
+        {
+            props = props.with_content_type(content_type);
+        }
         if let Ok(id) = ShortString::try_new(&*d.id)
             && !d.id.is_empty()
         {
@@ -716,7 +745,7 @@ impl Subscription for RabbitSubscription {
         while let Some(item) = next.take() {
             match item {
                 Some(Ok(m)) => out.push(me.delivery(live.generation, m)),
-                Some(Err(e)) => failure = Some(net::redacted(&e, &me.session.connector().url)),
+                Some(Err(e)) => failure = Some(plumbing::redacted(&e, &me.session.connector().url)),
                 None => failure = Some("the broker cancelled the consumer".to_owned()),
             }
             if failure.is_none() && out.len() < max {
@@ -812,7 +841,7 @@ impl Subscription for RabbitSubscription {
         delivery: &Delivery,
         letter: &DeadLetter,
     ) -> Result<(), SourceError> {
-        self.inner.publish_dead_letter(delivery, letter).await
+        write_dead_letter(&*self.inner, delivery, letter).await
     }
 
     async fn close(&self) {
