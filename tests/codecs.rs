@@ -17,7 +17,7 @@ use idem::source::dead_letter_headers as dlh;
 use idem::source::namespaced::Namespaced;
 use idem::source::nats::{DEFAULT_URL, NatsJetStream, URL_ENV};
 use idem::store::memory::MemoryStore;
-use idem::{CancellationToken, Runtime, idempotent};
+use idem::{CancellationToken, Runtime, Source, idempotent};
 
 static EFFECTS: Mutex<BTreeMap<(&'static str, String), u32>> = Mutex::new(BTreeMap::new());
 
@@ -180,7 +180,7 @@ impl Nats {
 }
 
 /// Runs `handler` until it has `applied` effects and `topic` has `dead`
-/// dead letters (checked every 20 ms, 30 s at most), then stops it.
+/// dead letters, then stops it.
 async fn run_until(nats: &Nats, handler: &str, topic: &str, applied: usize, dead: usize) {
     let source = Namespaced::new(
         NatsJetStream::from_env()
@@ -188,6 +188,15 @@ async fn run_until(nats: &Nats, handler: &str, topic: &str, applied: usize, dead
             .fetch_wait(Duration::from_millis(100)),
         nats.prefix.clone(),
     );
+    run_while(source, handler, async || {
+        !(effects(handler).len() >= applied && nats.dead_letters(topic).await.len() >= dead)
+    })
+    .await;
+}
+
+/// Runs `handler` on `source` while `more` says so (asked every 20 ms, 30 s
+/// at most), then stops it; returns once it shut down.
+async fn run_while<S: Source>(source: S, handler: &str, mut more: impl AsyncFnMut() -> bool) {
     let rt = Runtime::builder(source)
         .store(MemoryStore::new())
         .handlers([handler])
@@ -196,9 +205,7 @@ async fn run_until(nats: &Nats, handler: &str, topic: &str, applied: usize, dead
     let stop = CancellationToken::new();
     let watch = async {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while tokio::time::Instant::now() < deadline
-            && !(effects(handler).len() >= applied && nats.dead_letters(topic).await.len() >= dead)
-        {
+        while tokio::time::Instant::now() < deadline && more().await {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         stop.cancel();
@@ -330,9 +337,10 @@ async fn protobuf_orders_are_decoded_deduplicated_and_bad_ones_dead_lettered() {
 mod amqp {
     use super::*;
     use idem::source::rabbitmq::{DEFAULT_URL, RabbitMq, URL_ENV};
+    use idem::source::{SubscribeSpec, Subscription as _};
+    use lapin::options::QueueDeleteOptions;
     use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-    use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
-    use lapin::types::{AMQPValue, FieldTable, ShortString};
+    use lapin::types::{AMQPValue, ShortString};
     use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
     struct Rabbit {
@@ -364,34 +372,9 @@ mod amqp {
             format!("{}{topic}", self.prefix)
         }
 
-        /// Publishes to the queue the source declares (idem's arguments:
-        /// quorum, dead letters to `<queue>.dlq`).
+        /// Publishes to the queue (declared by the source).
         async fn publish(&self, topic: &str, id: &str, content_type: &str, payload: &[u8]) {
             let queue = self.queue(topic);
-            let mut args = FieldTable::default();
-            args.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString("quorum".into()),
-            );
-            args.insert(
-                "x-dead-letter-exchange".into(),
-                AMQPValue::LongString("idem.dead-letter".into()),
-            );
-            args.insert(
-                "x-dead-letter-routing-key".into(),
-                AMQPValue::LongString(format!("{queue}.dlq").into()),
-            );
-            self.ch
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    args,
-                )
-                .await
-                .expect("declare queue");
             let props = BasicProperties::default()
                 .with_message_id(ShortString::from(id))
                 .with_content_type(ShortString::from(content_type));
@@ -400,7 +383,10 @@ mod amqp {
                 .basic_publish(
                     "".into(),
                     queue.as_str().into(),
-                    BasicPublishOptions::default(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
                     payload,
                     props,
                 )
@@ -408,7 +394,10 @@ mod amqp {
                 .expect("publish")
                 .await
                 .expect("confirm");
-            assert!(confirm.is_ack(), "publish not confirmed");
+            assert!(
+                confirm.is_ack() && confirm.take_message().is_none(),
+                "publish not confirmed, or not routed to {queue}"
+            );
         }
 
         /// Takes the dead letters off `<queue>.dlq`: payloads, reasons and content types.
@@ -466,6 +455,26 @@ mod amqp {
     async fn amqp_content_type_is_checked_against_the_codec() {
         let handler = "codec-msgpack-amqp";
         let rabbit = Rabbit::connect("amqp").await;
+        let source = || {
+            Namespaced::new(
+                RabbitMq::from_env()
+                    .expect("RabbitMQ source")
+                    .fetch_wait(Duration::from_millis(100)),
+                rabbit.prefix.clone(),
+            )
+        };
+        // The source declares the queue and its dead letters its own way.
+        source()
+            .subscribe(SubscribeSpec {
+                topic: "payments",
+                group: handler,
+                dead_letter: None,
+                prefetch: 1,
+            })
+            .await
+            .expect("declare the queues")
+            .close()
+            .await;
         let order = PaymentCaptured {
             order_id: "ord-3001".into(),
             amount_cents: 700,
@@ -480,34 +489,15 @@ mod amqp {
             .publish("payments", "a-json", "application/json", &json)
             .await;
 
-        let source = Namespaced::new(
-            RabbitMq::from_env()
-                .expect("RabbitMQ source")
-                .fetch_wait(Duration::from_millis(100)),
-            rabbit.prefix.clone(),
-        );
-        let rt = Runtime::builder(source)
-            .store(MemoryStore::new())
-            .handlers([handler])
-            .build()
-            .unwrap();
-        let stop = CancellationToken::new();
         let mut letters = Vec::new();
-        let watch = async {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            while tokio::time::Instant::now() < deadline {
-                letters.extend(rabbit.dead_letters("payments").await);
-                if !effects(handler).is_empty() && !letters.is_empty() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            // Anything dead-lettered twice would be there by now.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        run_while(source(), handler, async || {
             letters.extend(rabbit.dead_letters("payments").await);
-            stop.cancel();
-        };
-        tokio::join!(rt.run(stop.clone()), watch);
+            effects(handler).is_empty() || letters.is_empty()
+        })
+        .await;
+        // The runtime closed its subscription: a second dead letter of the
+        // same message would be in the queue by now.
+        letters.extend(rabbit.dead_letters("payments").await);
         rabbit.cleanup("payments").await;
 
         let effects = effects(handler);
