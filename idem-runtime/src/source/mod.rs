@@ -115,12 +115,13 @@ pub trait Subscription: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), SourceError>> + Send;
 
     /// Ends the subscription gracefully; the consumer loop calls it once,
-    /// after its last settle. The broker stops delivering and confirms it
-    /// before channels and connections are released, so neither side logs
-    /// an error; deliveries still unsettled go back to the broker. Later
-    /// calls fail with [`SourceError::Closed`]. Dropping a subscription
-    /// without closing it is safe (the broker redelivers what was unsettled)
-    /// but abrupt. The default does nothing.
+    /// after its last settle, and nothing else afterwards. When it returns,
+    /// the broker stopped delivering and confirmed it, and the
+    /// subscription's channels and connections are released, so neither side
+    /// logs an error (and deleting the queue right after cannot race it);
+    /// deliveries still unsettled go back to the broker. Dropping a
+    /// subscription without closing it is safe (the broker redelivers what
+    /// was unsettled) but abrupt. The default does nothing.
     fn close(&self) -> impl Future<Output = ()> + Send {
         async {}
     }

@@ -640,6 +640,12 @@ impl Subscription for NatsSubscription {
     ) -> Result<(), SourceError> {
         write_dead_letter(&*self.inner, delivery, letter).await
     }
+
+    /// Drops the pull stream for good (the client is the source's, shared);
+    /// messages it pulled and idem did not take come back after `ack_wait`.
+    async fn close(&self) {
+        self.inner.consumer.close().await;
+    }
 }
 
 #[cfg(test)]

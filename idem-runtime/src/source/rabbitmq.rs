@@ -427,6 +427,10 @@ impl Connector for SessionConnector {
             closed: std::sync::atomic::AtomicBool::new(false),
         }))
     }
+
+    async fn close(&self, session: Arc<Session>) {
+        session.close().await;
+    }
 }
 
 impl super::Source for RabbitMq {
@@ -845,9 +849,7 @@ impl Subscription for RabbitSubscription {
     }
 
     async fn close(&self) {
-        if let Some(live) = self.inner.session.close() {
-            live.conn.close().await;
-        }
+        self.inner.session.close().await;
     }
 }
 

@@ -975,6 +975,13 @@ impl Subscription for RedisSubscription {
     ) -> Result<(), SourceError> {
         self.inner.write_dead_letter(delivery, letter, true).await
     }
+
+    /// Closes the blocking-read connection for good (the command connection
+    /// is the source's, shared); entries still pending under this consumer
+    /// are claimed by another after `claim_idle`.
+    async fn close(&self) {
+        self.inner.read.close().await;
+    }
 }
 
 #[cfg(test)]

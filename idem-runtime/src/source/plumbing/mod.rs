@@ -3,7 +3,7 @@
 //!
 //! | concern | here | what a broker supplies |
 //! |---|---|---|
-//! | connect, reconnect with backoff, close for good | [`Reconnecting`] | [`Connector::connect`] |
+//! | connect, reconnect with backoff, close for good on shutdown | [`Reconnecting`] | [`Connector::connect`], [`Connector::close`] (graceful; default: drop) |
 //! | deliveries held by a subscription, kept alive while a long handler runs | [`InFlight`], [`spawn_keep_alive`] | [`KeepAlive::keep_alive`] (touch held deliveries) |
 //! | what a dead letter carries, and in what order it is written | [`write_dead_letter`] | [`DeadLetterSink`] (publish a copy, then settle the original) |
 //! | passwords out of errors and logs, broker URLs from the environment | [`redacted`], [`url_from_env`] | its URL |

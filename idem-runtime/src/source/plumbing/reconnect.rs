@@ -20,6 +20,13 @@ pub(crate) trait Connector: Send + Sync + 'static {
     const SOURCE: &'static str;
     /// Connects; the error says what failed and how to fix it.
     fn connect(&self) -> impl Future<Output = Result<Self::Conn, SourceError>> + Send;
+
+    /// Closes a connection for good, gracefully (what
+    /// [`Subscription::close`](crate::source::Subscription::close) promises);
+    /// by default it is dropped.
+    fn close(&self, conn: Self::Conn) -> impl Future<Output = ()> + Send {
+        async move { drop(conn) }
+    }
 }
 
 /// A live connection and its generation: a receipt made on generation `n`
@@ -148,14 +155,18 @@ impl<C: Connector> Reconnecting<C> {
         }
     }
 
-    /// Ends it for good: hands back the live connection (if any) for the
-    /// caller to close gracefully; every later `get` fails with
+    /// Ends it for good: closes the live connection (if any) with
+    /// [`Connector::close`]; every later `get` fails with
     /// [`SourceError::Closed`] and nothing reconnects.
-    #[cfg_attr(not(feature = "rabbitmq"), allow(dead_code))]
-    pub(crate) fn close(&self) -> Option<Live<C::Conn>> {
-        let mut st = lock(&self.state);
-        st.closed = true;
-        st.current.take()
+    pub(crate) async fn close(&self) {
+        let live = {
+            let mut st = lock(&self.state);
+            st.closed = true;
+            st.current.take()
+        };
+        if let Some(live) = live {
+            self.connector.close(live.conn).await;
+        }
     }
 
     /// Reports generation `generation` lost; the next `get` reconnects.
@@ -182,6 +193,7 @@ mod tests {
     struct Flaky {
         fail_first: u32,
         calls: AtomicU32,
+        closed: AtomicU32,
     }
 
     impl Connector for Flaky {
@@ -198,6 +210,9 @@ mod tests {
                 Ok(n)
             }
         }
+        async fn close(&self, _: u32) {
+            self.closed.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -206,6 +221,7 @@ mod tests {
             Flaky {
                 fail_first: 1,
                 calls: AtomicU32::new(0),
+                closed: AtomicU32::new(0),
             },
             Backoff {
                 min: Duration::from_secs(1),
@@ -224,9 +240,10 @@ mod tests {
         r.lost(1, &"reset by peer");
         let live = r.get().await.unwrap();
         assert_eq!((live.generation, live.conn), (2, 2));
-        // Closed: the live connection is handed back once, nothing reconnects.
-        assert_eq!(r.close().map(|l| l.generation), Some(2));
-        assert!(r.close().is_none());
+        // Closed: the live connection is closed once, nothing reconnects.
+        r.close().await;
+        r.close().await;
+        assert_eq!(r.connector().closed.load(Ordering::SeqCst), 1);
         assert!(matches!(r.get().await, Err(SourceError::Closed { .. })));
         assert_eq!(r.connector().calls.load(Ordering::SeqCst), 3);
     }
