@@ -269,10 +269,11 @@ fn source_error(
     let text = plumbing::redacted(e, url);
     if is_connection_error(e) {
         conn.lost(live.generation, &text);
-        return SourceError::Unavailable {
-            source_name: NAME,
-            message: format!("connection to {} failed: {text}", RedactedUrl(url)),
-        };
+        return plumbing::unavailable(
+            NAME,
+            &format!("connection to {} failed", RedactedUrl(url)),
+            &text,
+        );
     }
     match e.code() {
         Some("NOGROUP") => SourceError::Unavailable {

@@ -23,7 +23,9 @@ use std::time::Duration;
 pub(crate) use dead_letter::{DeadLetterSink, Header, write_dead_letter};
 #[cfg(any(feature = "redis-streams", feature = "nats"))]
 pub(crate) use keep_alive::{InFlight, KeepAlive, Ticker, spawn_keep_alive};
-pub(crate) use reconnect::{Connector, Live, Reconnecting};
+#[cfg(any(feature = "redis-streams", feature = "rabbitmq"))]
+pub(crate) use reconnect::Live;
+pub(crate) use reconnect::{Connector, Reconnecting};
 
 use super::SourceError;
 use crate::handler::Backoff;
