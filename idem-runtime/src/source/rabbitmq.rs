@@ -21,6 +21,7 @@
 //! | ack | `basic.ack(tag)` |
 //! | batch ack | one `basic.ack(tag, multiple)` for the acked tags that are the oldest unsettled ones of the channel, single acks for the rest |
 //! | nack(delay) | the message is held for `delay`, then `basic.nack(tag, requeue)` |
+//! | close (shutdown) | `basic.cancel`, its `cancel-ok` awaited, then `channel.close` of both channels, then `connection.close` |
 //! | dead letter | `basic.publish` to the dead-letter exchange (routing key: the dead-letter queue), wait for the confirm, then `basic.ack` |
 
 use std::collections::BTreeSet;
@@ -54,6 +55,9 @@ pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// The longest AMQP short string (queue, exchange, consumer tag, header name).
 const MAX_NAME: usize = 255;
+
+/// How long a graceful close waits for the broker's confirmations.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The header quorum queues count returned deliveries in.
 const DELIVERY_COUNT: &str = "x-delivery-count";
@@ -276,11 +280,16 @@ impl Session {
             return;
         }
         let tag = self.consumer.lock().await.tag();
-        if let Err(e) =
-            close_in_order(&self.channel, &self.publisher, tag, Some(&self.connection)).await
-        {
+        let closing = close_in_order(&self.channel, &self.publisher, tag, Some(&self.connection));
+        match tokio::time::timeout(CLOSE_TIMEOUT, closing).await {
+            Ok(Ok(())) => {}
             // The connection is gone already: the broker requeued everything.
-            tracing::debug!(source = NAME, error = %e, "closing the session");
+            Ok(Err(e)) => tracing::debug!(source = NAME, error = %e, "closing the session"),
+            Err(_) => tracing::warn!(
+                source = NAME,
+                timeout = ?CLOSE_TIMEOUT,
+                "the broker did not confirm the close in time; dropping the connection (it requeues what was unacked)"
+            ),
         }
     }
 }
