@@ -4,6 +4,8 @@
 //! handlers, each effect once although the producer re-encodes its retry;
 //! an undecodable payload and a payload of another content type are
 //! dead-lettered once, with the codec and the payload type in the reason.
+//! The same content-type check through RabbitMQ, whose content type is the
+//! AMQP `content_type` property, not a header.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -15,7 +17,7 @@ use idem::source::dead_letter_headers as dlh;
 use idem::source::namespaced::Namespaced;
 use idem::source::nats::{DEFAULT_URL, NatsJetStream, URL_ENV};
 use idem::store::memory::MemoryStore;
-use idem::{CancellationToken, Runtime, idempotent};
+use idem::{CancellationToken, Runtime, Source, idempotent};
 
 static EFFECTS: Mutex<BTreeMap<(&'static str, String), u32>> = Mutex::new(BTreeMap::new());
 
@@ -55,6 +57,20 @@ struct PaymentCaptured {
 )]
 async fn capture(p: PaymentCaptured) -> Result<(), String> {
     apply("codec-msgpack", &p.order_id);
+    Ok(())
+}
+
+/// The same handler for the RabbitMQ case (its own effects: the tests run
+/// side by side).
+#[idempotent(
+    topic = "payments",
+    key = "order_id",
+    store = "memory",
+    codec = "msgpack",
+    name = "codec-msgpack-amqp"
+)]
+async fn capture_amqp(p: PaymentCaptured) -> Result<(), String> {
+    apply("codec-msgpack-amqp", &p.order_id);
     Ok(())
 }
 
@@ -164,7 +180,7 @@ impl Nats {
 }
 
 /// Runs `handler` until it has `applied` effects and `topic` has `dead`
-/// dead letters (checked every 20 ms, 30 s at most), then stops it.
+/// dead letters, then stops it.
 async fn run_until(nats: &Nats, handler: &str, topic: &str, applied: usize, dead: usize) {
     let source = Namespaced::new(
         NatsJetStream::from_env()
@@ -172,6 +188,15 @@ async fn run_until(nats: &Nats, handler: &str, topic: &str, applied: usize, dead
             .fetch_wait(Duration::from_millis(100)),
         nats.prefix.clone(),
     );
+    run_while(source, handler, async || {
+        !(effects(handler).len() >= applied && nats.dead_letters(topic).await.len() >= dead)
+    })
+    .await;
+}
+
+/// Runs `handler` on `source` while `more` says so (asked every 20 ms, 30 s
+/// at most), then stops it; returns once it shut down.
+async fn run_while<S: Source>(source: S, handler: &str, mut more: impl AsyncFnMut() -> bool) {
     let rt = Runtime::builder(source)
         .store(MemoryStore::new())
         .handlers([handler])
@@ -180,9 +205,7 @@ async fn run_until(nats: &Nats, handler: &str, topic: &str, applied: usize, dead
     let stop = CancellationToken::new();
     let watch = async {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while tokio::time::Instant::now() < deadline
-            && !(effects(handler).len() >= applied && nats.dead_letters(topic).await.len() >= dead)
-        {
+        while tokio::time::Instant::now() < deadline && more().await {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         stop.cancel();
@@ -307,4 +330,188 @@ async fn protobuf_orders_are_decoded_deduplicated_and_bad_ones_dead_lettered() {
     assert!(bad.contains("ShipmentRequested"), "{bad}");
     let wrong = reason_of(&json);
     assert!(wrong.contains("wrong content type"), "{wrong}");
+}
+
+// --- RabbitMQ: the content type is the AMQP property ------------------------------
+
+mod amqp {
+    use super::*;
+    use idem::source::rabbitmq::{DEFAULT_URL, RabbitMq, URL_ENV};
+    use idem::source::{SubscribeSpec, Subscription as _};
+    use lapin::options::QueueDeleteOptions;
+    use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::{AMQPValue, ShortString};
+    use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+    struct Rabbit {
+        conn: Connection,
+        ch: Channel,
+        prefix: String,
+    }
+
+    impl Rabbit {
+        async fn connect(test: &str) -> Rabbit {
+            let url = std::env::var(URL_ENV).unwrap_or_else(|_| DEFAULT_URL.into());
+            let conn = Connection::connect(&url, ConnectionProperties::default())
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("RabbitMQ at {url} does not answer ({e}): start it with ./scripts/services.sh or set {URL_ENV}")
+                });
+            let ch = conn.create_channel().await.expect("channel");
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .expect("confirm.select");
+            Rabbit {
+                conn,
+                ch,
+                prefix: format!("codec-{test}-{:08x}.", fastrand::u32(..)),
+            }
+        }
+
+        fn queue(&self, topic: &str) -> String {
+            format!("{}{topic}", self.prefix)
+        }
+
+        /// Publishes to the queue (declared by the source).
+        async fn publish(&self, topic: &str, id: &str, content_type: &str, payload: &[u8]) {
+            let queue = self.queue(topic);
+            let props = BasicProperties::default()
+                .with_message_id(ShortString::from(id))
+                .with_content_type(ShortString::from(content_type));
+            let confirm = self
+                .ch
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    payload,
+                    props,
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("confirm");
+            assert!(
+                confirm.is_ack() && confirm.take_message().is_none(),
+                "publish not confirmed, or not routed to {queue}"
+            );
+        }
+
+        /// Takes the dead letters off `<queue>.dlq`: payloads, reasons and content types.
+        async fn dead_letters(&self, topic: &str) -> Vec<(Vec<u8>, String, String)> {
+            let dlq = format!("{}.dlq", self.queue(topic));
+            let mut out = Vec::new();
+            // A channel of its own: until the source declared the queue,
+            // basic.get fails and the broker closes the channel.
+            let ch = self.conn.create_channel().await.expect("channel");
+            while let Ok(Some(m)) = ch
+                .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+            {
+                let reason = match m
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| h.inner().get(dlh::REASON))
+                {
+                    Some(AMQPValue::LongString(s)) => {
+                        String::from_utf8_lossy(s.as_bytes()).into_owned()
+                    }
+                    _ => String::new(),
+                };
+                let content_type = m
+                    .properties
+                    .content_type()
+                    .as_ref()
+                    .map(|c| c.to_string())
+                    .unwrap_or_default();
+                out.push((m.data.clone(), reason, content_type));
+            }
+            let _ = ch.close(200, "OK".into()).await;
+            out
+        }
+
+        async fn cleanup(&self, topic: &str) {
+            let queue = self.queue(topic);
+            for q in [queue.clone(), format!("{queue}.dlq")] {
+                let _ = self
+                    .ch
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            let _ = self.ch.close(200, "OK".into()).await;
+            let _ = self.conn.close(200, "OK".into()).await;
+        }
+    }
+
+    /// A msgpack handler on RabbitMQ: the message whose `content_type` is
+    /// msgpack is processed, the one that says JSON is dead-lettered once,
+    /// the reason naming the codec and the type (and the dead letter keeps
+    /// the original content type).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn amqp_content_type_is_checked_against_the_codec() {
+        let handler = "codec-msgpack-amqp";
+        let rabbit = Rabbit::connect("amqp").await;
+        let source = || {
+            Namespaced::new(
+                RabbitMq::from_env()
+                    .expect("RabbitMQ source")
+                    .fetch_wait(Duration::from_millis(100)),
+                rabbit.prefix.clone(),
+            )
+        };
+        // The source declares the queue and its dead letters its own way.
+        source()
+            .subscribe(SubscribeSpec {
+                topic: "payments",
+                group: handler,
+                dead_letter: None,
+                prefetch: 1,
+            })
+            .await
+            .expect("declare the queues")
+            .close()
+            .await;
+        let order = PaymentCaptured {
+            order_id: "ord-3001".into(),
+            amount_cents: 700,
+            currency: "EUR".into(),
+        };
+        let msgpack = rmp_serde::to_vec_named(&order).unwrap();
+        rabbit
+            .publish("payments", "a-1", "application/msgpack", &msgpack)
+            .await;
+        let json = br#"{"order_id":"ord-3002","amount_cents":5,"currency":"EUR"}"#.to_vec();
+        rabbit
+            .publish("payments", "a-json", "application/json", &json)
+            .await;
+
+        let mut letters = Vec::new();
+        run_while(source(), handler, async || {
+            letters.extend(rabbit.dead_letters("payments").await);
+            effects(handler).is_empty() || letters.is_empty()
+        })
+        .await;
+        // The runtime closed its subscription: a second dead letter of the
+        // same message would be in the queue by now.
+        letters.extend(rabbit.dead_letters("payments").await);
+        rabbit.cleanup("payments").await;
+
+        let effects = effects(handler);
+        assert_eq!(
+            effects,
+            BTreeMap::from([("ord-3001".to_owned(), 1)]),
+            "the msgpack message is processed once, the JSON one never"
+        );
+        assert_eq!(letters.len(), 1, "dead-lettered once: {letters:?}");
+        let (payload, reason, content_type) = &letters[0];
+        assert_eq!(payload, &json);
+        assert!(reason.contains("wrong content type"), "{reason}");
+        assert!(reason.contains("application/json"), "{reason}");
+        assert!(reason.contains("codec msgpack"), "{reason}");
+        assert_eq!(content_type, "application/json");
+    }
 }

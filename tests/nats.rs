@@ -15,45 +15,7 @@ use brokers::Broker;
 
 use fixture::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn thousand_messages_with_300_redeliveries_auto() {
-    brokers::thousand_with_redeliveries::<Nats>("bk-auto").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn thousand_messages_with_300_redeliveries_manual() {
-    brokers::thousand_with_redeliveries::<Nats>("bk-manual").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn thousand_messages_with_300_redeliveries_manual_immediate() {
-    brokers::thousand_with_redeliveries::<Nats>("bk-immediate").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn thousand_messages_with_300_redeliveries_batch() {
-    brokers::thousand_with_redeliveries::<Nats>("bk-batch").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn crash_after_commit_before_ack_is_redelivered_and_acked_as_duplicate() {
-    brokers::crash_before_ack::<Nats>().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_consumers_in_one_group_split_the_work() {
-    brokers::two_consumers_share_a_group::<Nats>().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn poison_messages_go_to_the_dead_letter_subject() {
-    brokers::poison_goes_to_dead_letters::<Nats>().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn reconnects_after_the_server_restarts() {
-    brokers::reconnect_after_restart::<Nats>().await;
-}
+brokers::broker_suite!(Nats);
 
 /// A handler running 5 s with `ack_wait` 2 s sends progress and keeps its message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

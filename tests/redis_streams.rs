@@ -18,45 +18,7 @@ use redis::streams::{StreamPendingReply, StreamRangeReply};
 
 use fixture::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn thousand_messages_with_300_redeliveries_auto() {
-    brokers::thousand_with_redeliveries::<Redis>("bk-auto").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn thousand_messages_with_300_redeliveries_manual() {
-    brokers::thousand_with_redeliveries::<Redis>("bk-manual").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn thousand_messages_with_300_redeliveries_manual_immediate() {
-    brokers::thousand_with_redeliveries::<Redis>("bk-immediate").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn thousand_messages_with_300_redeliveries_batch() {
-    brokers::thousand_with_redeliveries::<Redis>("bk-batch").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn crash_after_commit_before_ack_is_redelivered_and_acked_as_duplicate() {
-    brokers::crash_before_ack::<Redis>().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_consumers_in_one_group_split_the_work() {
-    brokers::two_consumers_share_a_group::<Redis>().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn poison_messages_go_to_the_dead_letter_stream() {
-    brokers::poison_goes_to_dead_letters::<Redis>().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn reconnects_after_the_server_restarts() {
-    brokers::reconnect_after_restart::<Redis>().await;
-}
+brokers::broker_suite!(Redis);
 
 /// An entry without the payload field is dead-lettered by the source with
 /// the reason (no panic, no handler run); its neighbours are processed.

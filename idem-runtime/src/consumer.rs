@@ -519,4 +519,5 @@ pub(crate) async fn consume<Sub: Subscription, Svc: Service>(
             tracing::warn!(error = %e, "could not hand a message back; the broker redelivers it on its own timeout");
         }
     }
+    ctx.sub.close().await;
 }

@@ -11,7 +11,13 @@
 //!
 //! Loaded with `#[path = "common/brokers.rs"] mod brokers;` next to
 //! `mod common;`, so only the broker test binaries register its handlers.
-#![allow(dead_code, unreachable_pub, async_fn_in_trait)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    async_fn_in_trait,
+    unused_macros,
+    unused_imports
+)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -509,6 +515,10 @@ impl<S: Subscription> Subscription for TestSubscription<S> {
         });
         Ok(())
     }
+
+    async fn close(&self) {
+        self.inner.close().await;
+    }
 }
 
 // --- running ---------------------------------------------------------------------
@@ -522,11 +532,7 @@ pub struct Running<S: Source> {
 /// Builds a runtime over `source` for `handler` with a shared store and
 /// starts it in a task.
 pub fn start<S: Source>(source: TestSource<S>, store: &SqliteStore, handler: &str) -> Running<S> {
-    // RUST_LOG=idem=debug shows what the sources and the loop do.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    init_logs();
     let runtime = Runtime::builder(source)
         .store(store.clone())
         .handlers([handler])
@@ -927,6 +933,221 @@ pub async fn reconnect_after_restart<B: Broker>() {
     assert_eq!(stats.processed, 600, "{stats:?}");
     b.assert_settled(&topic, &probe.name(handler)).await;
 }
+
+/// A consumer is stopped in the middle of a burst (deliveries prefetched,
+/// handlers running, acks in flight), a second one finishes the work and
+/// stops: nothing is lost or applied twice, and neither shutdown logs a
+/// warning or an error, from idem or from the broker's client. (RabbitMQ
+/// used to, when its queue was deleted right after: lapin's `AMQP hard
+/// error: UNEXPECTED-FRAME: unexpected basic cancel-ok`; `tests/rabbitmq.rs`
+/// has that case.)
+///
+/// `test` is the calling test's path (`module_path!()::name`): the scenario
+/// runs in a child process that runs that test alone (see [`alone`]), so the
+/// captured log holds this scenario's lines only.
+pub async fn clean_shutdown_logs_nothing<B: Broker>(test: &str) {
+    if !alone(test).await {
+        return;
+    }
+    let logs = init_logs().expect("the log capture is the global subscriber of this process");
+    let handler = "bk-auto";
+    let b = B::shared().await;
+    let probe = Probe::new();
+    let topic = probe.name(TOPIC);
+    let messages = orders(1000);
+    let keys = keys_of(&messages);
+    let store = common::sqlite().await;
+    b.publish(&topic, &messages).await;
+
+    let first = start(TestSource::new(b.source(), probe.clone()), &store, handler);
+    probe
+        .wait_for("the first 50 acks", LONG, |p| p.acked().len() >= 50)
+        .await;
+    let s1 = first.stop(handler).await;
+    let second = start(TestSource::new(b.source(), probe.clone()), &store, handler);
+    probe.wait_settled(&keys, LONG).await;
+    let s2 = second.stop(handler).await;
+    // (Kafka's commits are only final once its consumers closed.)
+    b.assert_settled(&topic, &probe.name(handler)).await;
+    b.cleanup(&topic).await;
+
+    assert!(
+        s1.processed < 1000,
+        "the first consumer must stop mid-burst (it processed all 1000)"
+    );
+    assert_exactly_once(&common::effect_counts(&store, handler).await, &keys);
+    assert_eq!(s1.processed + s2.processed, 1000, "{s1:?} {s2:?}");
+    let lines = std::mem::take(&mut *logs.lock().unwrap());
+    assert!(
+        lines.is_empty(),
+        "{} logged warnings or errors around a clean shutdown:\n{}",
+        B::NAME,
+        lines.join("\n")
+    );
+}
+
+// --- captured logs ---------------------------------------------------------------
+
+/// Set in the child process [`alone`] starts.
+const ALONE: &str = "IDEM_BROKER_TEST_ALONE";
+
+/// Whether this process runs `test` alone. If not, runs this test binary
+/// again with only `test` (libtest `--exact`) and `ALONE` set, fails when
+/// that child fails or ran no test, and returns false.
+///
+/// Logs are process-wide (lapin logs from its own I/O thread), so a test
+/// that asserts on them cannot share its process with other tests.
+pub async fn alone(test: &str) -> bool {
+    if std::env::var_os(ALONE).is_some() {
+        return true;
+    }
+    // libtest names a test by its path without the crate.
+    let name = test.split_once("::").map_or(test, |(_, n)| n);
+    let exe = std::env::current_exe().expect("the path of this test binary");
+    let out = tokio::process::Command::new(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(ALONE, "1")
+        .output()
+        .await
+        .expect("run this test binary again");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{name}, run alone, failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+    false
+}
+
+type Lines = std::sync::Mutex<Vec<String>>;
+
+static CAPTURED: Lines = Mutex::new(Vec::new());
+static LOGS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Installs the process's log subscriber once: `RUST_LOG` lines (e.g.
+/// `RUST_LOG=idem=debug`) to the test output, and every WARN and ERROR
+/// event, from any crate and any thread, `log` records included, into a
+/// buffer. Returns the buffer, or `None` when another subscriber was
+/// installed first (then nothing is captured).
+pub fn init_logs() -> Option<&'static Lines> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let installed = *LOGS.get_or_init(|| {
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_test_writer()
+                    .with_filter(tracing_subscriber::EnvFilter::from_default_env()),
+            )
+            .with(Capture(&CAPTURED).with_filter(tracing_subscriber::filter::LevelFilter::WARN))
+            .try_init()
+            .is_ok()
+    });
+    installed.then_some(&CAPTURED)
+}
+
+/// Writes each event it sees as one line: level, target, fields.
+struct Capture(&'static Lines);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let meta = event.metadata();
+        let mut line = format!("{} {}:", meta.level(), meta.target());
+        event.record(&mut Fields(&mut line));
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+    }
+}
+
+struct Fields<'a>(&'a mut String);
+
+impl tracing::field::Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write as _;
+        let _ = write!(self.0, " {}={value:?}", field.name());
+    }
+}
+
+// --- stamping the scenarios --------------------------------------------------------
+
+/// Stamps the shared scenarios as `#[tokio::test]` functions for one broker
+/// (a [`Broker`] type; its `shared()`/`private()` are the setup):
+/// `broker_suite!(Rabbit);` stamps them all, `broker_suite!(KafkaBroker:
+/// thousand_with_redeliveries, poison_goes_to_dead_letters);` only those
+/// named. Call it once per broker test file, at its root; tests only one
+/// broker has stay beside it.
+#[rustfmt::skip]
+macro_rules! broker_suite {
+    (@ thousand_with_redeliveries $b:ty) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn thousand_messages_with_300_redeliveries_auto() {
+            $crate::brokers::thousand_with_redeliveries::<$b>("bk-auto").await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn thousand_messages_with_300_redeliveries_manual() {
+            $crate::brokers::thousand_with_redeliveries::<$b>("bk-manual").await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn thousand_messages_with_300_redeliveries_manual_immediate() {
+            $crate::brokers::thousand_with_redeliveries::<$b>("bk-immediate").await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn thousand_messages_with_300_redeliveries_batch() {
+            $crate::brokers::thousand_with_redeliveries::<$b>("bk-batch").await;
+        }
+    };
+    (@ crash_before_ack $b:ty) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn crash_after_commit_before_ack_is_redelivered_and_acked_as_duplicate() {
+            $crate::brokers::crash_before_ack::<$b>().await;
+        }
+    };
+    (@ two_consumers_share_a_group $b:ty) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn two_consumers_in_one_group_split_the_work() {
+            $crate::brokers::two_consumers_share_a_group::<$b>().await;
+        }
+    };
+    (@ poison_goes_to_dead_letters $b:ty) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn poison_messages_go_to_the_dead_letters() {
+            $crate::brokers::poison_goes_to_dead_letters::<$b>().await;
+        }
+    };
+    (@ reconnect_after_restart $b:ty) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn reconnects_after_the_server_restarts() {
+            $crate::brokers::reconnect_after_restart::<$b>().await;
+        }
+    };
+    (@ clean_shutdown_logs_nothing $b:ty) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn shutdown_mid_burst_logs_no_warning_or_error() {
+            $crate::brokers::clean_shutdown_logs_nothing::<$b>(
+                concat!(module_path!(), "::shutdown_mid_burst_logs_no_warning_or_error"),
+            )
+            .await;
+        }
+    };
+    ($broker:ty) => {
+        $crate::brokers::broker_suite!($broker:
+            thousand_with_redeliveries,
+            crash_before_ack,
+            two_consumers_share_a_group,
+            poison_goes_to_dead_letters,
+            reconnect_after_restart,
+            clean_shutdown_logs_nothing
+        );
+    };
+    ($broker:ty: $($scenario:ident),+ $(,)?) => {
+        $( $crate::brokers::broker_suite!(@ $scenario $broker); )+
+    };
+}
+pub(crate) use broker_suite;
 
 // --- helpers for fixtures ------------------------------------------------------------
 

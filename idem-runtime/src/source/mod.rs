@@ -17,7 +17,8 @@ pub mod namespaced;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(any(feature = "redis-streams", feature = "rabbitmq", feature = "nats"))]
-mod net;
+mod plumbing;
+
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 #[cfg(feature = "redis-streams")]
@@ -112,6 +113,18 @@ pub trait Subscription: Send + Sync + 'static {
         delivery: &Delivery,
         letter: &DeadLetter,
     ) -> impl Future<Output = Result<(), SourceError>> + Send;
+
+    /// Ends the subscription gracefully; the consumer loop calls it once,
+    /// after its last settle, and nothing else afterwards. When it returns,
+    /// the broker stopped delivering and confirmed it, and the
+    /// subscription's channels and connections are released, so neither side
+    /// logs an error (and deleting the queue right after cannot race it);
+    /// deliveries still unsettled go back to the broker. Dropping a
+    /// subscription without closing it is safe (the broker redelivers what
+    /// was unsettled) but abrupt. The default does nothing.
+    fn close(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// A source failed.

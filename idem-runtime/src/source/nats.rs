@@ -33,9 +33,9 @@ use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
 use async_nats::jetstream::{self, AckKind};
 use futures_util::{FutureExt, StreamExt};
 
-use super::net::{
-    self, Connector, InFlight, KeepAlive, Reconnecting, Ticker, dead_letter_fields,
-    is_dead_letter_field,
+use super::plumbing::{
+    self, Connector, DeadLetterSink, Header, InFlight, KeepAlive, Reconnecting, Ticker,
+    write_dead_letter,
 };
 use super::{DeadLetter, SourceError, SubscribeSpec, Subscription};
 use crate::delivery::{Delivery, Headers, Receipt};
@@ -134,7 +134,7 @@ impl NatsJetStream {
             message: format!(
                 "invalid NATS URL {}: {}; expected nats://host:port",
                 display_url(url),
-                net::redacted(&e, url)
+                plumbing::redacted(&e, url)
             ),
         })?;
         Ok(NatsJetStream {
@@ -144,7 +144,7 @@ impl NatsJetStream {
                 max_deliver: None,
                 create_streams: true,
                 fetch_wait: Duration::from_secs(1),
-                reconnect: net::RECONNECT_BACKOFF,
+                reconnect: plumbing::RECONNECT_BACKOFF,
             },
             client: OnceLock::new(),
         })
@@ -152,7 +152,7 @@ impl NatsJetStream {
 
     /// A source for the URL in `NATS_URL` (default `nats://127.0.0.1:4222`).
     pub fn from_env() -> Result<Self, SourceError> {
-        Self::new(&net::url_from_env(URL_ENV, DEFAULT_URL))
+        Self::new(&plumbing::url_from_env(URL_ENV, DEFAULT_URL))
     }
 
     /// How long JetStream waits for an ack before redelivering (default
@@ -262,7 +262,7 @@ impl Connector for ClientConnector {
                 message: format!(
                     "cannot connect to {}: {}; is nats-server (with -js) running there? (set {URL_ENV} to its URL)",
                     display_url(&self.url),
-                    net::redacted(&e, &self.url)
+                    plumbing::redacted(&e, &self.url)
                 ),
             })?;
         let js = jetstream::new(client.clone());
@@ -271,10 +271,7 @@ impl Connector for ClientConnector {
 }
 
 fn unavailable(what: &str, e: &dyn fmt::Display) -> SourceError {
-    SourceError::Unavailable {
-        source_name: NAME,
-        message: format!("{what}: {e}"),
-    }
+    plumbing::unavailable(NAME, what, e)
 }
 
 /// Finds (or creates) the stream that captures `subject`.
@@ -398,7 +395,7 @@ impl super::Source for NatsJetStream {
             in_flight: Arc::new(InFlight::default()),
         });
         let ack_wait = self.opts.ack_wait;
-        let ticker = net::spawn_keep_alive(
+        let ticker = plumbing::spawn_keep_alive(
             Arc::downgrade(&inner),
             inner.in_flight.clone(),
             ack_wait / 4,
@@ -491,11 +488,19 @@ impl SubInner {
         }
         Ok(())
     }
+}
 
-    async fn publish_dead_letter(
+impl DeadLetterSink for SubInner {
+    fn reserved(&self, name: &str) -> bool {
+        name.len() >= 5 && name[..5].eq_ignore_ascii_case("nats-")
+    }
+
+    /// Publish to the dead-letter subject, the stream's ack awaited, then
+    /// `+TERM` of the original.
+    async fn publish_and_settle(
         &self,
         d: &Delivery,
-        letter: &DeadLetter,
+        fields: Vec<Header<'_>>,
     ) -> Result<(), SourceError> {
         let reply = receipt_of(d)?;
         // Settled or not, no more progress for it: if the publish fails, it
@@ -503,18 +508,10 @@ impl SubInner {
         self.in_flight.remove(reply);
         let nats = self.client.get().await?.conn;
         let mut headers = HeaderMap::new();
-        for (name, value) in d.headers.iter() {
-            if is_dead_letter_field(name)
-                || name.len() >= 5 && name[..5].eq_ignore_ascii_case("nats-")
-            {
-                continue;
-            }
+        for (name, value) in fields {
             if let Ok(n) = async_nats::header::HeaderName::try_from(name) {
-                headers.insert(n, one_line(&String::from_utf8_lossy(value)));
+                headers.insert(n, one_line(&String::from_utf8_lossy(&value)));
             }
-        }
-        for (name, value) in dead_letter_fields(d, letter) {
-            headers.insert(name, one_line(&value));
         }
         // The same dead letter published twice (the +TERM got lost) is
         // dropped by the stream's duplicate window.
@@ -629,7 +626,7 @@ impl Subscription for NatsSubscription {
                 handler: me.group.to_string(),
             };
             tracing::error!(message_id = %delivery.id, reason = %letter.reason, "dead-lettered by the source");
-            return me.publish_dead_letter(delivery, &letter).await;
+            return write_dead_letter(me, delivery, &letter).await;
         }
         me.in_flight.remove(reply);
         let kind = AckKind::Nak(Some(delay).filter(|d| !d.is_zero()));
@@ -641,7 +638,13 @@ impl Subscription for NatsSubscription {
         delivery: &Delivery,
         letter: &DeadLetter,
     ) -> Result<(), SourceError> {
-        self.inner.publish_dead_letter(delivery, letter).await
+        write_dead_letter(&*self.inner, delivery, letter).await
+    }
+
+    /// Drops the pull stream for good (the client is the source's, shared);
+    /// messages it pulled and idem did not take come back after `ack_wait`.
+    async fn close(&self) {
+        self.inner.consumer.close().await;
     }
 }
 

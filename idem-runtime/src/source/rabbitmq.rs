@@ -15,11 +15,13 @@
 //! | operation | AMQP |
 //! |---|---|
 //! | subscribe | a connection, a channel with `basic.qos(prefetch)`, `basic.consume` on the topic's queue (competing consumers share it) |
+//! | content type | the `content_type` property, as the `content-type` header the codec step checks (kept as the property on a dead letter) |
 //! | message id | the `message_id` property (empty when the producer set none: `key = message_id` then dead-letters it as a missing key) |
 //! | attempt | `x-delivery-count + 1` (quorum queues); on other queues 2 when `redelivered`, else 1 |
 //! | ack | `basic.ack(tag)` |
 //! | batch ack | one `basic.ack(tag, multiple)` for the acked tags that are the oldest unsettled ones of the channel, single acks for the rest |
 //! | nack(delay) | the message is held for `delay`, then `basic.nack(tag, requeue)` |
+//! | close (shutdown) | `basic.cancel`, its `cancel-ok` awaited, then `channel.close` of both channels, then `connection.close` |
 //! | dead letter | `basic.publish` to the dead-letter exchange (routing key: the dead-letter queue), wait for the confirm, then `basic.ack` |
 
 use std::collections::BTreeSet;
@@ -29,13 +31,16 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 
-use super::net::{self, Connector, Live, Reconnecting, dead_letter_fields, is_dead_letter_field};
+use super::plumbing::{
+    self, Connector, DeadLetterSink, Header, Live, Reconnecting, write_dead_letter,
+};
 use super::{DeadLetter, SourceError, SubscribeSpec, Subscription};
 use crate::delivery::{Delivery, Headers, Receipt};
 use crate::handler::Backoff;
@@ -51,8 +56,19 @@ pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// The longest AMQP short string (queue, exchange, consumer tag, header name).
 const MAX_NAME: usize = 255;
 
+/// How long a graceful close waits for the broker's confirmations.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The header quorum queues count returned deliveries in.
 const DELIVERY_COUNT: &str = "x-delivery-count";
+
+/// The header the AMQP `content_type` property becomes on a [`Delivery`]
+/// (what the codec step checks), and is taken from on a dead letter.
+const CONTENT_TYPE: &str = "content-type";
+
+/// [`CONTENT_TYPE`], allocated once rather than per message.
+static CONTENT_TYPE_NAME: std::sync::LazyLock<Arc<str>> =
+    std::sync::LazyLock::new(|| Arc::from(CONTENT_TYPE));
 
 /// The kind of queue idem declares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -112,7 +128,7 @@ impl RabbitMq {
                 message: format!(
                     "invalid AMQP URL {}: {}; expected amqp://user:password@host:5672/%2f",
                     RedactedUrl(url),
-                    net::redacted(&e, url)
+                    plumbing::redacted(&e, url)
                 ),
             })?;
         Ok(RabbitMq {
@@ -122,7 +138,7 @@ impl RabbitMq {
                 queue_type: QueueType::Quorum,
                 dead_letter_exchange: "idem.dead-letter".into(),
                 fetch_wait: Duration::from_secs(1),
-                reconnect: net::RECONNECT_BACKOFF,
+                reconnect: plumbing::RECONNECT_BACKOFF,
             },
         })
     }
@@ -130,7 +146,7 @@ impl RabbitMq {
     /// A source for the URL in `AMQP_URL` (default
     /// `amqp://guest:guest@127.0.0.1:5672/%2f`).
     pub fn from_env() -> Result<Self, SourceError> {
-        Self::new(&net::url_from_env(URL_ENV, DEFAULT_URL))
+        Self::new(&plumbing::url_from_env(URL_ENV, DEFAULT_URL))
     }
 
     /// Whether idem declares the topic's queue, the dead-letter exchange and
@@ -185,16 +201,13 @@ async fn connect(url: &str) -> Result<Connection, SourceError> {
             message: format!(
                 "cannot connect to {}: {}; is RabbitMQ running there, with these credentials? (set {URL_ENV} to its URL)",
                 RedactedUrl(url),
-                net::redacted(&e, url)
+                plumbing::redacted(&e, url)
             ),
         })
 }
 
 fn unavailable(what: &str, e: &dyn fmt::Display) -> SourceError {
-    SourceError::Unavailable {
-        source_name: NAME,
-        message: format!("{what}: {e}"),
-    }
+    plumbing::unavailable(NAME, what, e)
 }
 
 /// A declaration the broker refused: retrying the same will not help.
@@ -218,13 +231,89 @@ fn refused(what: &str, e: &lapin::Error) -> SourceError {
 /// One subscription's connection: a consuming channel and a channel in
 /// confirm mode for dead letters.
 struct Session {
-    _connection: Connection,
+    connection: Connection,
     channel: Channel,
     publisher: Channel,
     consumer: tokio::sync::Mutex<Consumer>,
     /// Delivery tags handed out and not settled yet. Settling happens under
     /// this lock, so a `multiple` ack never overtakes a single one.
     unsettled: tokio::sync::Mutex<BTreeSet<u64>>,
+    /// Set once [`Session::close`] ran (or began): dropping it then does nothing more.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// Closes a session in order: `basic.cancel` first and its `cancel-ok`
+/// awaited, then the channels, then (when the caller owns it) the
+/// connection, so nothing of the session is still talking to the broker
+/// when this returns.
+///
+/// Dropping lapin's `Consumer` instead only queues the cancel: if the broker
+/// cancels the consumer itself meanwhile (its queue deleted, as
+/// `bench_brokers` does right after a run), lapin forgets the reply it was
+/// waiting for, takes the `cancel-ok` that follows for a protocol violation
+/// (`AMQP hard error: UNEXPECTED-FRAME: unexpected basic cancel-ok received
+/// on channel 1, was awaiting for None`), logs it as an error and drops the
+/// connection. `tests/rabbitmq.rs` reproduces it.
+async fn close_in_order(
+    channel: &Channel,
+    publisher: &Channel,
+    tag: ShortString,
+    connection: Option<&Connection>,
+) -> Result<(), lapin::Error> {
+    channel
+        .basic_cancel(tag, BasicCancelOptions { nowait: false })
+        .await?;
+    publisher.close(200, "OK".into()).await?;
+    channel.close(200, "OK".into()).await?;
+    if let Some(c) = connection {
+        c.close(200, "OK".into()).await?;
+    }
+    Ok(())
+}
+
+impl Session {
+    /// Stops the consumer and closes everything, gracefully (see
+    /// [`close_in_order`]). Deliveries not acked yet go back to the queue.
+    async fn close(&self) {
+        use std::sync::atomic::Ordering;
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let tag = self.consumer.lock().await.tag();
+        let closing = close_in_order(&self.channel, &self.publisher, tag, Some(&self.connection));
+        match tokio::time::timeout(CLOSE_TIMEOUT, closing).await {
+            Ok(Ok(())) => {}
+            // The connection is gone already: the broker requeued everything.
+            Ok(Err(e)) => tracing::debug!(source = NAME, error = %e, "closing the session"),
+            Err(_) => tracing::warn!(
+                source = NAME,
+                timeout = ?CLOSE_TIMEOUT,
+                "the broker did not confirm the close in time; dropping the connection (it requeues what was unacked)"
+            ),
+        }
+    }
+}
+
+impl Drop for Session {
+    /// A session dropped without [`Session::close`] (a lost connection, an
+    /// aborted runtime): the same ordered close, in a task of its own. The
+    /// clones it holds keep the connection open until its channels closed.
+    fn drop(&mut self) {
+        if *self.closed.get_mut() || !self.connection.status().connected() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (channel, publisher) = (self.channel.clone(), self.publisher.clone());
+        let consumer = self.consumer.get_mut().clone();
+        runtime.spawn(async move {
+            if let Err(e) = close_in_order(&channel, &publisher, consumer.tag(), None).await {
+                tracing::debug!(source = NAME, error = %e, "closing a dropped session");
+            }
+            drop(consumer);
+        });
+    }
 }
 
 struct SessionConnector {
@@ -339,12 +428,17 @@ impl Connector for SessionConnector {
             .await
             .map_err(|e| unavailable("confirm.select", &e))?;
         Ok(Arc::new(Session {
-            _connection: connection,
+            connection,
             channel,
             publisher,
             consumer: tokio::sync::Mutex::new(consumer),
             unsettled: tokio::sync::Mutex::new(BTreeSet::new()),
+            closed: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    async fn close(&self, session: Arc<Session>) {
+        session.close().await;
     }
 }
 
@@ -511,6 +605,11 @@ impl SubInner {
                 headers.insert(k.as_str(), value_bytes(v));
             }
         }
+        // The property, not a header, is where AMQP producers say what the
+        // payload is; it wins over a header of the same name.
+        if let Some(content_type) = props.content_type() {
+            headers.insert(CONTENT_TYPE_NAME.clone(), content_type.as_str());
+        }
         let attempt = match count {
             Some(c) => c.saturating_add(1),
             None if m.redelivered => 2,
@@ -544,7 +643,10 @@ impl SubInner {
     }
 
     fn lost(&self, live: &Live<Arc<Session>>, e: &lapin::Error) -> SourceError {
-        let err = unavailable("channel", &net::redacted(e, &self.session.connector().url));
+        let err = unavailable(
+            "channel",
+            &plumbing::redacted(e, &self.session.connector().url),
+        );
         self.session.lost(live.generation, &err);
         err
     }
@@ -566,29 +668,39 @@ impl SubInner {
             .await
             .map_err(|e| self.lost(live, &e))
     }
+}
 
-    async fn publish_dead_letter(
+impl DeadLetterSink for SubInner {
+    fn reserved(&self, name: &str) -> bool {
+        // The broker's count, and the property the content type travels in.
+        name.eq_ignore_ascii_case(DELIVERY_COUNT) || name.eq_ignore_ascii_case(CONTENT_TYPE)
+    }
+
+    /// `basic.publish` to the dead-letter exchange, the confirm awaited,
+    /// then `basic.ack` of the original.
+    async fn publish_and_settle(
         &self,
         d: &Delivery,
-        letter: &DeadLetter,
+        headers: Vec<Header<'_>>,
     ) -> Result<(), SourceError> {
         let (generation, tag) = receipt_of(d)?;
         let live = self.session_of(generation)?;
         let mut table = FieldTable::default();
-        for (k, v) in d.headers.iter() {
-            if is_dead_letter_field(k) || k == DELIVERY_COUNT {
-                continue;
-            }
+        for (k, v) in headers {
             if let Ok(name) = ShortString::try_new(k) {
-                table.insert(name, AMQPValue::LongString(LongString::from(v)));
+                table.insert(name, AMQPValue::LongString(LongString::from(&*v)));
             }
-        }
-        for (k, v) in dead_letter_fields(d, letter) {
-            table.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
         }
         let mut props = BasicProperties::default()
             .with_headers(table)
             .with_delivery_mode(2);
+        if let Some(content_type) = d
+            .header(CONTENT_TYPE)
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .and_then(|c| ShortString::try_new(c).ok())
+        {
+            props = props.with_content_type(content_type);
+        }
         if let Ok(id) = ShortString::try_new(&*d.id)
             && !d.id.is_empty()
         {
@@ -646,7 +758,7 @@ impl Subscription for RabbitSubscription {
         while let Some(item) = next.take() {
             match item {
                 Some(Ok(m)) => out.push(me.delivery(live.generation, m)),
-                Some(Err(e)) => failure = Some(net::redacted(&e, &me.session.connector().url)),
+                Some(Err(e)) => failure = Some(plumbing::redacted(&e, &me.session.connector().url)),
                 None => failure = Some("the broker cancelled the consumer".to_owned()),
             }
             if failure.is_none() && out.len() < max {
@@ -742,7 +854,11 @@ impl Subscription for RabbitSubscription {
         delivery: &Delivery,
         letter: &DeadLetter,
     ) -> Result<(), SourceError> {
-        self.inner.publish_dead_letter(delivery, letter).await
+        write_dead_letter(&*self.inner, delivery, letter).await
+    }
+
+    async fn close(&self) {
+        self.inner.session.close().await;
     }
 }
 

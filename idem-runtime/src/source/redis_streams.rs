@@ -29,9 +29,9 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, Value};
 use tokio::time::Instant;
 
-use super::net::{
-    self, Connector, InFlight, KeepAlive, Live, Reconnecting, Ticker, dead_letter_fields,
-    is_dead_letter_field, lock,
+use super::plumbing::{
+    self, Connector, DeadLetterSink, Header, InFlight, KeepAlive, Live, Reconnecting, Ticker, lock,
+    write_dead_letter,
 };
 use super::{DeadLetter, SourceError, SubscribeSpec, Subscription};
 use crate::delivery::{Delivery, Headers, Receipt};
@@ -122,7 +122,7 @@ impl RedisStreams {
             message: format!(
                 "invalid Redis URL {}: {}; expected redis://[:password@]host:port[/db]",
                 RedactedUrl(url),
-                net::redacted(&e, url)
+                plumbing::redacted(&e, url)
             ),
         })?;
         Ok(RedisStreams {
@@ -135,7 +135,7 @@ impl RedisStreams {
                 payload_field: "payload".into(),
                 ordering_key_field: None,
                 group_start: GroupStart::Beginning,
-                reconnect: net::RECONNECT_BACKOFF,
+                reconnect: plumbing::RECONNECT_BACKOFF,
             },
             control: OnceLock::new(),
         })
@@ -143,7 +143,7 @@ impl RedisStreams {
 
     /// A source for the URL in `REDIS_URL` (default `redis://127.0.0.1:6379`).
     pub fn from_env() -> Result<Self, SourceError> {
-        Self::new(&net::url_from_env(URL_ENV, DEFAULT_URL))
+        Self::new(&plumbing::url_from_env(URL_ENV, DEFAULT_URL))
     }
 
     /// This process's consumer name inside each group (default
@@ -245,7 +245,7 @@ impl Connector for RedisConnector {
                 message: format!(
                     "cannot connect to {}: {}; is redis-server running there? (set {URL_ENV} to its URL)",
                     RedactedUrl(&self.url),
-                    net::redacted(&e, &self.url)
+                    plumbing::redacted(&e, &self.url)
                 ),
             })
     }
@@ -266,13 +266,14 @@ fn source_error(
     e: &RedisError,
 ) -> SourceError {
     let url = &conn.connector().url;
-    let text = net::redacted(e, url);
+    let text = plumbing::redacted(e, url);
     if is_connection_error(e) {
         conn.lost(live.generation, &text);
-        return SourceError::Unavailable {
-            source_name: NAME,
-            message: format!("connection to {} failed: {text}", RedactedUrl(url)),
-        };
+        return plumbing::unavailable(
+            NAME,
+            &format!("connection to {} failed", RedactedUrl(url)),
+            &text,
+        );
     }
     match e.code() {
         Some("NOGROUP") => SourceError::Unavailable {
@@ -363,7 +364,7 @@ impl super::Source for RedisStreams {
             }),
         });
         inner.ensure_group().await?;
-        let ticker = net::spawn_keep_alive(
+        let ticker = plumbing::spawn_keep_alive(
             Arc::downgrade(&inner),
             inner.in_flight.clone(),
             claim_idle / 4,
@@ -801,37 +802,61 @@ impl SubInner {
         Some(Built::Delivery(d))
     }
 
+    /// Writes `d` to the dead-letter stream; without its payload field when
+    /// it had none (`with_payload` false).
     async fn write_dead_letter(
         &self,
         d: &Delivery,
         letter: &DeadLetter,
         with_payload: bool,
     ) -> Result<(), SourceError> {
+        write_dead_letter(
+            &DeadLetters {
+                sub: self,
+                with_payload,
+            },
+            d,
+            letter,
+        )
+        .await
+    }
+}
+
+/// A subscription's dead-letter stream.
+struct DeadLetters<'a> {
+    sub: &'a SubInner,
+    with_payload: bool,
+}
+
+impl DeadLetterSink for DeadLetters<'_> {
+    /// `MULTI; XADD <dead letter stream> * …; XACK; EXEC`: written and
+    /// settled in one step.
+    async fn publish_and_settle(
+        &self,
+        d: &Delivery,
+        fields: Vec<Header<'_>>,
+    ) -> Result<(), SourceError> {
+        let me = self.sub;
         // Settled or not, this consumer lets go of it: if the write fails,
         // the entry stays pending and is claimed again after `claim_idle`.
-        self.in_flight.remove(&d.id);
+        me.in_flight.remove(&d.id);
         let mut pipe = redis::pipe();
         pipe.atomic();
         {
-            let xadd = pipe.cmd("XADD").arg(&*self.dead_letter).arg("*");
-            if with_payload {
-                xadd.arg(&*self.opts.payload_field).arg(&*d.payload);
+            let xadd = pipe.cmd("XADD").arg(&*me.dead_letter).arg("*");
+            if self.with_payload {
+                xadd.arg(&*me.opts.payload_field).arg(&*d.payload);
             }
-            for (k, v) in dead_letter_fields(d, letter) {
-                xadd.arg(k).arg(v);
-            }
-            for (k, v) in d.headers.iter() {
-                if !is_dead_letter_field(k) {
-                    xadd.arg(k).arg(v);
-                }
+            for (k, v) in &fields {
+                xadd.arg(*k).arg(&**v);
             }
         }
         pipe.cmd("XACK")
-            .arg(&*self.topic)
-            .arg(&*self.group)
+            .arg(&*me.topic)
+            .arg(&*me.group)
             .arg(&*d.id)
             .ignore();
-        query_pipe::<()>(&self.control, &pipe).await
+        query_pipe::<()>(&me.control, &pipe).await
     }
 }
 
@@ -950,6 +975,13 @@ impl Subscription for RedisSubscription {
         letter: &DeadLetter,
     ) -> Result<(), SourceError> {
         self.inner.write_dead_letter(delivery, letter, true).await
+    }
+
+    /// Closes the blocking-read connection for good (the command connection
+    /// is the source's, shared); entries still pending under this consumer
+    /// are claimed by another after `claim_idle`.
+    async fn close(&self) {
+        self.inner.read.close().await;
     }
 }
 

@@ -1,38 +1,15 @@
-//! What the network sources (Redis Streams, RabbitMQ, NATS JetStream) share:
-//! a connection that is re-established with backoff when it is lost, the set
-//! of deliveries a subscription holds with a keep-alive ticker for long
-//! handlers, and the dead-letter fields every broker writes.
-//!
-//! Not for broker specifics: each source supplies them through [`Connector`]
-//! and [`KeepAlive`].
+//! A broker connection opened lazily, re-opened with backoff when an
+//! operation reports it lost, and closed for good on shutdown.
 
 use std::fmt;
 use std::future::Future;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::dead_letter_headers as dlh;
-use super::{DeadLetter, SourceError};
-use crate::delivery::Delivery;
+use super::lock;
 use crate::handler::Backoff;
-
-/// The default delays between reconnection attempts.
-pub(crate) const RECONNECT_BACKOFF: Backoff = Backoff {
-    min: Duration::from_millis(100),
-    max: Duration::from_secs(5),
-};
-
-pub(crate) use crate::sync::lock;
-
-/// The broker URL from `var`, or `default` when it is unset or empty.
-pub(crate) fn url_from_env(var: &str, default: &str) -> String {
-    match std::env::var(var) {
-        Ok(v) if !v.trim().is_empty() => v.trim().to_owned(),
-        _ => default.to_owned(),
-    }
-}
+use crate::source::SourceError;
 
 /// Opens one broker connection (with whatever channels, consumers or
 /// streams ride on it). [`Reconnecting`] calls it again after a loss.
@@ -43,6 +20,13 @@ pub(crate) trait Connector: Send + Sync + 'static {
     const SOURCE: &'static str;
     /// Connects; the error says what failed and how to fix it.
     fn connect(&self) -> impl Future<Output = Result<Self::Conn, SourceError>> + Send;
+
+    /// Closes a connection for good, gracefully (what
+    /// [`Subscription::close`](crate::source::Subscription::close) promises);
+    /// by default it is dropped.
+    fn close(&self, conn: Self::Conn) -> impl Future<Output = ()> + Send {
+        async move { drop(conn) }
+    }
 }
 
 /// A live connection and its generation: a receipt made on generation `n`
@@ -58,6 +42,7 @@ struct State<T> {
     generation: u64,
     failures: u32,
     retry_at: Option<Instant>,
+    closed: bool,
 }
 
 /// A connection that is opened lazily, dropped when an operation reports it
@@ -83,6 +68,7 @@ impl<C: Connector> Reconnecting<C> {
                 generation: 0,
                 failures: 0,
                 retry_at: None,
+                closed: false,
             }),
             connecting: tokio::sync::Mutex::new(()),
         }
@@ -113,6 +99,11 @@ impl<C: Connector> Reconnecting<C> {
             if let Some(live) = &st.current {
                 return Ok(live.clone());
             }
+            if st.closed {
+                return Err(SourceError::Closed {
+                    source_name: C::SOURCE,
+                });
+            }
             if let Some(at) = st.retry_at {
                 let now = Instant::now();
                 if now < at {
@@ -130,6 +121,12 @@ impl<C: Connector> Reconnecting<C> {
         match self.connector.connect().await {
             Ok(conn) => {
                 let mut st = lock(&self.state);
+                if st.closed {
+                    // Closed while connecting: the new connection is dropped.
+                    return Err(SourceError::Closed {
+                        source_name: C::SOURCE,
+                    });
+                }
                 st.generation += 1;
                 if st.generation > 1 || st.failures > 0 {
                     tracing::info!(
@@ -158,6 +155,20 @@ impl<C: Connector> Reconnecting<C> {
         }
     }
 
+    /// Ends it for good: closes the live connection (if any) with
+    /// [`Connector::close`]; every later `get` fails with
+    /// [`SourceError::Closed`] and nothing reconnects.
+    pub(crate) async fn close(&self) {
+        let live = {
+            let mut st = lock(&self.state);
+            st.closed = true;
+            st.current.take()
+        };
+        if let Some(live) = live {
+            self.connector.close(live.conn).await;
+        }
+    }
+
     /// Reports generation `generation` lost; the next `get` reconnects.
     /// A report about an older generation is ignored.
     pub(crate) fn lost(&self, generation: u64, why: &dyn fmt::Display) {
@@ -173,139 +184,16 @@ impl<C: Connector> Reconnecting<C> {
     }
 }
 
-#[cfg(any(feature = "redis-streams", feature = "nats"))]
-pub(crate) use keep_alive::{InFlight, KeepAlive, Ticker, spawn_keep_alive};
-
-/// Held deliveries and their keep-alive: for brokers that hand a message to
-/// another consumer when it is held too long (not RabbitMQ, whose consumer
-/// timeout is a misconfiguration guard, not a redelivery timer).
-#[cfg(any(feature = "redis-streams", feature = "nats"))]
-mod keep_alive {
-    use std::collections::HashMap;
-    use std::future::Future;
-    use std::sync::{Arc, Mutex, Weak};
-    use std::time::Duration;
-
-    use tokio::time::Instant;
-
-    use super::lock;
-
-    /// The deliveries a subscription holds (fetched, not yet settled), by a
-    /// broker handle (stream entry id, ack subject), with the time each was last
-    /// fetched or kept alive.
-    #[derive(Default)]
-    pub(crate) struct InFlight {
-        map: Mutex<HashMap<Arc<str>, Instant>>,
-    }
-
-    impl InFlight {
-        pub(crate) fn insert_all<'a>(&self, handles: impl IntoIterator<Item = &'a Arc<str>>) {
-            let now = Instant::now();
-            let mut map = lock(&self.map);
-            for h in handles {
-                map.insert(h.clone(), now);
-            }
-        }
-
-        pub(crate) fn remove(&self, handle: &str) -> bool {
-            lock(&self.map).remove(handle).is_some()
-        }
-
-        pub(crate) fn len(&self) -> usize {
-            lock(&self.map).len()
-        }
-
-        /// The handles not touched for `older_than`, marked as touched now.
-        pub(super) fn take_stale(&self, older_than: Duration) -> Vec<Arc<str>> {
-            let now = Instant::now();
-            let mut out = Vec::new();
-            for (h, touched) in lock(&self.map).iter_mut() {
-                if now.duration_since(*touched) >= older_than {
-                    *touched = now;
-                    out.push(h.clone());
-                }
-            }
-            out
-        }
-    }
-
-    /// Tells the broker that held deliveries are still being worked on, so it
-    /// does not hand them to another consumer (JetStream `+WPI`, Redis `XCLAIM
-    /// … JUSTID`).
-    pub(crate) trait KeepAlive: Send + Sync + 'static {
-        fn keep_alive(&self, handles: Vec<Arc<str>>) -> impl Future<Output = ()> + Send;
-    }
-
-    /// A background task that lives as long as its subscription.
-    pub(crate) struct Ticker(tokio::task::AbortHandle);
-
-    impl Drop for Ticker {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-
-    /// Every `every`, keeps alive the deliveries of `in_flight` that were not
-    /// touched for `older_than`. Stops when `target` is dropped.
-    pub(crate) fn spawn_keep_alive<K: KeepAlive>(
-        target: Weak<K>,
-        in_flight: Arc<InFlight>,
-        every: Duration,
-        older_than: Duration,
-    ) -> Ticker {
-        let every = every.max(Duration::from_millis(50));
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(target) = target.upgrade() else {
-                    return;
-                };
-                let stale = in_flight.take_stale(older_than);
-                if !stale.is_empty() {
-                    tracing::debug!(count = stale.len(), "keeping long-running deliveries alive");
-                    target.keep_alive(stale).await;
-                }
-            }
-        });
-        Ticker(task.abort_handle())
-    }
-}
-
-/// The fields idem writes on a dead letter, whatever the broker: reason,
-/// attempts, handler and the original message id.
-pub(crate) fn dead_letter_fields(d: &Delivery, letter: &DeadLetter) -> [(&'static str, String); 4] {
-    [
-        (dlh::REASON, letter.reason.clone()),
-        (dlh::ATTEMPTS, letter.attempts.to_string()),
-        (dlh::HANDLER, letter.handler.clone()),
-        (dlh::ORIGINAL_ID, d.id.to_string()),
-    ]
-}
-
-/// Whether a header of the original message is one idem writes itself on a
-/// dead letter (it is replaced, not duplicated).
-pub(crate) fn is_dead_letter_field(name: &str) -> bool {
-    [dlh::REASON, dlh::ATTEMPTS, dlh::HANDLER, dlh::ORIGINAL_ID]
-        .iter()
-        .any(|n| n.eq_ignore_ascii_case(name))
-}
-
-/// A short text for logs from any error, with `url`'s password removed.
-pub(crate) fn redacted(error: &dyn fmt::Display, url: &str) -> String {
-    crate::redact::redact_text(&error.to_string(), url)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
 
     struct Flaky {
         fail_first: u32,
         calls: AtomicU32,
+        closed: AtomicU32,
     }
 
     impl Connector for Flaky {
@@ -322,6 +210,9 @@ mod tests {
                 Ok(n)
             }
         }
+        async fn close(&self, _: u32) {
+            self.closed.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -330,6 +221,7 @@ mod tests {
             Flaky {
                 fail_first: 1,
                 calls: AtomicU32::new(0),
+                closed: AtomicU32::new(0),
             },
             Backoff {
                 min: Duration::from_secs(1),
@@ -348,18 +240,11 @@ mod tests {
         r.lost(1, &"reset by peer");
         let live = r.get().await.unwrap();
         assert_eq!((live.generation, live.conn), (2, 2));
-    }
-
-    #[cfg(any(feature = "redis-streams", feature = "nats"))]
-    #[test]
-    fn in_flight_hands_out_only_stale_handles() {
-        use std::sync::Arc;
-        let f = InFlight::default();
-        f.insert_all([&Arc::<str>::from("a")]);
-        assert!(f.take_stale(Duration::from_secs(60)).is_empty());
-        assert_eq!(f.take_stale(Duration::ZERO).len(), 1);
-        assert!(f.remove("a"));
-        assert!(!f.remove("a"));
-        assert_eq!(f.len(), 0);
+        // Closed: the live connection is closed once, nothing reconnects.
+        r.close().await;
+        r.close().await;
+        assert_eq!(r.connector().closed.load(Ordering::SeqCst), 1);
+        assert!(matches!(r.get().await, Err(SourceError::Closed { .. })));
+        assert_eq!(r.connector().calls.load(Ordering::SeqCst), 3);
     }
 }
