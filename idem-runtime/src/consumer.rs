@@ -7,11 +7,15 @@
 //! knows nothing of stores: what a delivery came to arrives as an outcome.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::BuildHasherDefault;
 use std::hash::{Hash, Hasher};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures_util::FutureExt;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -280,6 +284,22 @@ impl<Sub: Subscription, Svc: Service> Ctx<Sub, Svc> {
         }
     }
 
+    /// A worker: runs the jobs `next` hands it, one after another, until
+    /// the loop closes their channel. A job that panics (a bug: handler
+    /// panics are caught by the pipeline) is logged; the worker goes on,
+    /// and the delivery, still unsettled, goes back to the broker at shutdown.
+    async fn work<F: Future<Output = Option<Job>>>(&self, mut next: impl FnMut() -> F) {
+        while let Some(job) = next().await {
+            if let Err(panic) = AssertUnwindSafe(self.run_job(job)).catch_unwind().await {
+                tracing::error!(
+                    handler = self.meta.name,
+                    "a consumer task panicked: {}",
+                    crate::pipeline::steps::panic_message(&*panic)
+                );
+            }
+        }
+    }
+
     async fn run_job(&self, job: Job) {
         self.drive(job.seq, Attempt::new(&job.delivery), job.group.as_deref())
             .await;
@@ -397,16 +417,32 @@ pub(crate) async fn consume<Sub: Subscription, Svc: Service>(
     });
     let semaphore = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
+    // One delivery at a time goes to `concurrency` long-lived workers
+    // rather than to a task of its own: spawning a task per message costs
+    // an allocation and several copies of the task's state. `ordered`:
+    // a channel per worker (a lane), by ordering key; otherwise one channel
+    // all workers take from. `batch`: a task per fetched batch.
     let mut lanes = Vec::new();
-    if meta.ordered && settle != Settle::Batch {
-        for _ in 0..concurrency {
-            let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
-            let ctx = ctx.clone();
-            tasks.spawn(async move {
-                while let Some(job) = rx.recv().await {
-                    ctx.run_job(job).await;
-                }
-            });
+    if settle != Settle::Batch {
+        if meta.ordered {
+            for _ in 0..concurrency {
+                let (tx, rx) = mpsc::unbounded_channel::<Job>();
+                let rx = tokio::sync::Mutex::new(rx);
+                let ctx = ctx.clone();
+                tasks.spawn(
+                    async move { ctx.work(|| async { rx.lock().await.recv().await }).await },
+                );
+                lanes.push(tx);
+            }
+        } else {
+            let (tx, rx) = mpsc::unbounded_channel::<Job>();
+            let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            for _ in 0..concurrency {
+                let (ctx, rx) = (ctx.clone(), rx.clone());
+                tasks.spawn(
+                    async move { ctx.work(|| async { rx.lock().await.recv().await }).await },
+                );
+            }
             lanes.push(tx);
         }
     }
@@ -478,16 +514,14 @@ pub(crate) async fn consume<Sub: Subscription, Svc: Service>(
         if settle == Settle::Batch {
             let ctx = ctx.clone();
             tasks.spawn(async move { ctx.run_batch(jobs).await });
-        } else if !lanes.is_empty() {
-            for job in jobs {
-                let lane = lane_of(&job.delivery, lanes.len());
-                // A lane only ends when its sender is dropped below.
-                let _ = lanes[lane].send(job);
-            }
         } else {
             for job in jobs {
-                let ctx = ctx.clone();
-                tasks.spawn(async move { ctx.run_job(job).await });
+                let lane = match lanes.len() {
+                    1 => 0,
+                    n => lane_of(&job.delivery, n),
+                };
+                // A channel only closes when its sender is dropped below.
+                let _ = lanes[lane].send(job);
             }
         }
         // Reap finished tasks so the set does not grow without bound.
