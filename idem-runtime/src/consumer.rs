@@ -6,18 +6,17 @@
 //! It is generic over the subscription and the handler's [`Service`], and
 //! knows nothing of stores: what a delivery came to arrives as an outcome.
 
-use std::collections::HashMap;
-use std::future::Future;
+use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasherDefault;
 use std::hash::{Hash, Hasher};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::FutureExt;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -118,6 +117,50 @@ struct Job {
     delivery: Delivery,
     group: Option<Arc<AckGroup>>,
     _permit: OwnedSemaphorePermit,
+}
+
+/// Jobs waiting for a worker: one queue all workers take from, or one per
+/// worker (`ordered`: a lane). A lock and a notification per job; cheaper
+/// than a channel behind an async mutex.
+#[derive(Default)]
+struct Queue {
+    jobs: Mutex<VecDeque<Job>>,
+    ready: Notify,
+    closed: AtomicBool,
+}
+
+impl Queue {
+    fn push(&self, job: Job) {
+        lock(&self.jobs).push_back(job);
+        self.ready.notify_one();
+    }
+
+    /// No more jobs: the workers finish what is queued, then end.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.ready.notify_waiters();
+    }
+
+    /// The next job; `None` once the queue is closed and empty.
+    async fn next(&self) -> Option<Job> {
+        loop {
+            if let Some(job) = lock(&self.jobs).pop_front() {
+                return Some(job);
+            }
+            // Registered before looking again, so that neither a push nor
+            // the close between the look and the wait is missed.
+            let ready = self.ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            if let Some(job) = lock(&self.jobs).pop_front() {
+                return Some(job);
+            }
+            if self.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            ready.await;
+        }
+    }
 }
 
 /// `ack = "manual"`: the acks of one fetched batch, sent together when the
@@ -284,12 +327,12 @@ impl<Sub: Subscription, Svc: Service> Ctx<Sub, Svc> {
         }
     }
 
-    /// A worker: runs the jobs `next` hands it, one after another, until
-    /// the loop closes their channel. A job that panics (a bug: handler
-    /// panics are caught by the pipeline) is logged; the worker goes on,
-    /// and the delivery, still unsettled, goes back to the broker at shutdown.
-    async fn work<F: Future<Output = Option<Job>>>(&self, mut next: impl FnMut() -> F) {
-        while let Some(job) = next().await {
+    /// A worker: runs the jobs of `queue`, one after another, until the
+    /// loop closes it. A job that panics (a bug: handler panics are caught
+    /// by the pipeline) is logged; the worker goes on, and the delivery,
+    /// still unsettled, goes back to the broker at shutdown.
+    async fn work(&self, queue: &Queue) {
+        while let Some(job) = queue.next().await {
             if let Err(panic) = AssertUnwindSafe(self.run_job(job)).catch_unwind().await {
                 tracing::error!(
                     handler = self.meta.name,
@@ -420,30 +463,15 @@ pub(crate) async fn consume<Sub: Subscription, Svc: Service>(
     // One delivery at a time goes to `concurrency` long-lived workers
     // rather than to a task of its own: spawning a task per message costs
     // an allocation and several copies of the task's state. `ordered`:
-    // a channel per worker (a lane), by ordering key; otherwise one channel
+    // a queue per worker (a lane), by ordering key; otherwise one queue
     // all workers take from. `batch`: a task per fetched batch.
-    let mut lanes = Vec::new();
+    let mut lanes: Vec<Arc<Queue>> = Vec::new();
     if settle != Settle::Batch {
-        if meta.ordered {
-            for _ in 0..concurrency {
-                let (tx, rx) = mpsc::unbounded_channel::<Job>();
-                let rx = tokio::sync::Mutex::new(rx);
-                let ctx = ctx.clone();
-                tasks.spawn(
-                    async move { ctx.work(|| async { rx.lock().await.recv().await }).await },
-                );
-                lanes.push(tx);
-            }
-        } else {
-            let (tx, rx) = mpsc::unbounded_channel::<Job>();
-            let rx = Arc::new(tokio::sync::Mutex::new(rx));
-            for _ in 0..concurrency {
-                let (ctx, rx) = (ctx.clone(), rx.clone());
-                tasks.spawn(
-                    async move { ctx.work(|| async { rx.lock().await.recv().await }).await },
-                );
-            }
-            lanes.push(tx);
+        let queues = if meta.ordered { concurrency } else { 1 };
+        lanes.extend((0..queues).map(|_| Arc::new(Queue::default())));
+        for worker in 0..concurrency {
+            let (ctx, queue) = (ctx.clone(), lanes[worker % queues].clone());
+            tasks.spawn(async move { ctx.work(&queue).await });
         }
     }
     let mut fetch_failures = 0u32;
@@ -520,14 +548,15 @@ pub(crate) async fn consume<Sub: Subscription, Svc: Service>(
                     1 => 0,
                     n => lane_of(&job.delivery, n),
                 };
-                // A channel only closes when its sender is dropped below.
-                let _ = lanes[lane].send(job);
+                lanes[lane].push(job);
             }
         }
         // Reap finished tasks so the set does not grow without bound.
         while tasks.try_join_next().is_some() {}
     }
-    drop(lanes);
+    for lane in &lanes {
+        lane.close();
+    }
     let drained = tokio::time::timeout(cfg.shutdown_timeout, async {
         while let Some(r) = tasks.join_next().await {
             if let Err(e) = r
@@ -552,5 +581,49 @@ pub(crate) async fn consume<Sub: Subscription, Svc: Service>(
         if let Err(e) = ctx.sub.nack(d, Duration::ZERO).await {
             tracing::warn!(error = %e, "could not hand a message back; the broker redelivers it on its own timeout");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(seq: u64) -> Job {
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        Job {
+            seq,
+            delivery: Delivery::new(format!("m-{seq}"), "t", &b"{}"[..]),
+            group: None,
+            _permit: permit,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_queue_hands_out_its_jobs_in_order_then_ends_when_closed() {
+        let queue = Queue::default();
+        queue.push(job(1));
+        queue.push(job(2));
+        queue.close();
+        assert_eq!(queue.next().await.map(|j| j.seq), Some(1));
+        assert_eq!(queue.next().await.map(|j| j.seq), Some(2));
+        assert!(queue.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn waiting_workers_get_a_pushed_job_and_end_at_close() {
+        let queue = Arc::new(Queue::default());
+        let waiting = |queue: &Arc<Queue>| {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.next().await.map(|j| j.seq) })
+        };
+        let (a, b) = (waiting(&queue), waiting(&queue));
+        // Both are parked on an empty queue before anything arrives.
+        tokio::task::yield_now().await;
+        queue.push(job(7));
+        tokio::task::yield_now().await;
+        queue.close();
+        let mut got = [a.await.unwrap(), b.await.unwrap()];
+        got.sort();
+        assert_eq!(got, [None, Some(7)]);
     }
 }
