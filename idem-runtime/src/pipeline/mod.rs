@@ -229,15 +229,20 @@ impl<H: HandlerFn<M>, M: 'static> Bound<H, M> {
         let span =
             tracing::info_span!("idem.item", message_id = %attempt.delivery().id, key = %key);
         let mut savepoint = guard.savepoint().await.map_err(|e| (None, e))?;
-        let called = steps::call(
+        let call = steps::call(
             &self.handler,
             self.meta,
             payload,
             &mut savepoint.tx,
             attempt,
-        )
-        .instrument(span)
-        .await;
+        );
+        // Without a subscriber that wants it, the span is not entered on
+        // every poll and dropped per item.
+        let called = if span.is_disabled() {
+            call.await
+        } else {
+            call.instrument(span).await
+        };
         match savepoint.end(called.is_ok()).await {
             Ok(()) => Ok(called),
             Err(e) => Err((Some(called), e)),
