@@ -116,7 +116,8 @@ struct Job {
     seq: u64,
     delivery: Delivery,
     group: Option<Arc<AckGroup>>,
-    _permit: OwnedSemaphorePermit,
+    /// Its slot; `None` in a batch, whose slots are given back together.
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 /// Jobs waiting for a worker: one queue all workers take from, or one per
@@ -528,9 +529,11 @@ pub(crate) async fn consume<Sub: Subscription, Svc: Service>(
             for delivery in deliveries {
                 let seq = ctx.next_seq.fetch_add(1, Ordering::Relaxed);
                 unsettled.insert(seq, delivery.clone());
-                let _permit = permit
-                    .split(1)
-                    .unwrap_or_else(|| unreachable!("one permit per delivery"));
+                let _permit = (settle != Settle::Batch).then(|| {
+                    permit
+                        .split(1)
+                        .unwrap_or_else(|| unreachable!("one permit per delivery"))
+                });
                 jobs.push(Job {
                     seq,
                     delivery,
@@ -541,7 +544,13 @@ pub(crate) async fn consume<Sub: Subscription, Svc: Service>(
         }
         if settle == Settle::Batch {
             let ctx = ctx.clone();
-            tasks.spawn(async move { ctx.run_batch(jobs).await });
+            // The batch's slots go back in one step when it is done: given
+            // back one by one, the loop could wake at the first and fetch
+            // a batch of one.
+            tasks.spawn(async move {
+                ctx.run_batch(jobs).await;
+                drop(permit);
+            });
         } else {
             for job in jobs {
                 let lane = match lanes.len() {
@@ -594,7 +603,7 @@ mod tests {
             seq,
             delivery: Delivery::new(format!("m-{seq}"), "t", &b"{}"[..]),
             group: None,
-            _permit: permit,
+            _permit: Some(permit),
         }
     }
 
