@@ -3,16 +3,20 @@
 //! (`ack = "auto"`, 16 in flight) or in batches of 64 (`ack = "batch"`).
 //!
 //! ```text
-//! cargo run --release --example bench_overhead -- <single|batch> <messages>
+//! cargo run --release --example bench_overhead -- <single|batch|publish> <messages>
 //! ```
+//!
+//! `publish` only publishes the messages (no runtime): the baseline that
+//! the other two modes are measured against.
 //!
 //! Prints messages/s, which is noisy on a shared machine. The stable figure
 //! is the instruction count: `scripts/callgrind.sh` runs this binary under
-//! `valgrind --tool=callgrind`, collecting only inside the consumer loop and
-//! the handlers' pipeline (publishing the messages is left out), at two
-//! message counts, and prints instructions per message (the difference of
-//! the two runs divided by the difference of the counts, so start-up costs
-//! cancel out).
+//! `valgrind --tool=callgrind` at two message counts per mode and prints
+//! instructions per message (the difference of the two runs divided by the
+//! difference of the counts, so start-up costs cancel out), then the same
+//! for `publish`, and the runtime's share as the difference of the two:
+//! whole-process counts only, so no figure depends on what the compiler
+//! inlined where.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -59,9 +63,9 @@ async fn main() -> ExitCode {
         args.get(1).map(String::as_str),
         args.get(2).and_then(|n| n.parse::<usize>().ok()),
     ) {
-        (Some(mode @ ("single" | "batch")), Some(n)) => (mode.to_owned(), n),
+        (Some(mode @ ("single" | "batch" | "publish")), Some(n)) => (mode.to_owned(), n),
         _ => {
-            eprintln!("usage: bench_overhead <single|batch> <messages>");
+            eprintln!("usage: bench_overhead <single|batch|publish> <messages>");
             return ExitCode::FAILURE;
         }
     };
@@ -76,6 +80,10 @@ async fn main() -> ExitCode {
             100 + i % 9_900
         );
         broker.publish(&mode, Message::new(body).id(format!("m-{i}")));
+    }
+    if mode == "publish" {
+        std::hint::black_box(&broker);
+        return ExitCode::SUCCESS;
     }
     let runtime = Runtime::builder(broker.clone())
         .store(MemoryStore::new())

@@ -17,7 +17,8 @@
 //!
 //! Reads `REDIS_URL` (default `redis://127.0.0.1:6379`). Prints messages/s
 //! and the ratios; each figure is the best of `<runs>` (default 3)
-//! interleaved runs, with the worst beside it (a shared machine is noisy). One idem message is two round trips (claim, then
+//! interleaved runs, with the worst beside it (a shared machine is noisy),
+//! and the idem / hand-loop ratio of the medians as well. One idem message is two round trips (claim, then
 //! completion after the handler) and three Redis commands (`SET … NX GET PX`;
 //! `GET` + `SET` inside the completion script, one script call per batch),
 //! where `redis-benchmark` sends one `SET` per request.
@@ -354,6 +355,13 @@ fn best(runs: &[f64]) -> f64 {
     runs.iter().copied().fold(0.0, f64::max)
 }
 
+/// The median of the runs (the upper one of an even count).
+fn median(runs: &[f64]) -> f64 {
+    let mut v = runs.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// One row per figure: best rate, and the spread of the runs.
 fn row(name: &str, runs: &[f64], base: Option<f64>, base_name: &str) {
     let rate = best(runs);
@@ -490,6 +498,12 @@ async fn main() -> ExitCode {
             &rows[3],
             Some(best(&rows[1])),
             "hand loop",
+        );
+        println!(
+            "  idem vs hand-written loop, median of the runs: {:.3} ({:.0} vs {:.0} msg/s)",
+            median(&rows[3]) / median(&rows[1]),
+            median(&rows[3]),
+            median(&rows[1])
         );
         row(
             "idem on store = \"memory\" (no Redis: ceiling)",

@@ -6,14 +6,17 @@
 //! It is generic over the subscription and the handler's [`Service`], and
 //! knows nothing of stores: what a delivery came to arrives as an outcome.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasherDefault;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use futures_util::FutureExt;
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -113,7 +116,52 @@ struct Job {
     seq: u64,
     delivery: Delivery,
     group: Option<Arc<AckGroup>>,
-    _permit: OwnedSemaphorePermit,
+    /// Its slot; `None` in a batch, whose slots are given back together.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Jobs waiting for a worker: one queue all workers take from, or one per
+/// worker (`ordered`: a lane). A lock and a notification per job; cheaper
+/// than a channel behind an async mutex.
+#[derive(Default)]
+struct Queue {
+    jobs: Mutex<VecDeque<Job>>,
+    ready: Notify,
+    closed: AtomicBool,
+}
+
+impl Queue {
+    fn push(&self, job: Job) {
+        lock(&self.jobs).push_back(job);
+        self.ready.notify_one();
+    }
+
+    /// No more jobs: the workers finish what is queued, then end.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.ready.notify_waiters();
+    }
+
+    /// The next job; `None` once the queue is closed and empty.
+    async fn next(&self) -> Option<Job> {
+        loop {
+            if let Some(job) = lock(&self.jobs).pop_front() {
+                return Some(job);
+            }
+            // Registered before looking again, so that neither a push nor
+            // the close between the look and the wait is missed.
+            let ready = self.ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            if let Some(job) = lock(&self.jobs).pop_front() {
+                return Some(job);
+            }
+            if self.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            ready.await;
+        }
+    }
 }
 
 /// `ack = "manual"`: the acks of one fetched batch, sent together when the
@@ -280,6 +328,22 @@ impl<Sub: Subscription, Svc: Service> Ctx<Sub, Svc> {
         }
     }
 
+    /// A worker: runs the jobs of `queue`, one after another, until the
+    /// loop closes it. A job that panics (a bug: handler panics are caught
+    /// by the pipeline) is logged; the worker goes on, and the delivery,
+    /// still unsettled, goes back to the broker at shutdown.
+    async fn work(&self, queue: &Queue) {
+        while let Some(job) = queue.next().await {
+            if let Err(panic) = AssertUnwindSafe(self.run_job(job)).catch_unwind().await {
+                tracing::error!(
+                    handler = self.meta.name,
+                    "a consumer task panicked: {}",
+                    crate::pipeline::steps::panic_message(&*panic)
+                );
+            }
+        }
+    }
+
     async fn run_job(&self, job: Job) {
         self.drive(job.seq, Attempt::new(&job.delivery), job.group.as_deref())
             .await;
@@ -397,17 +461,18 @@ pub(crate) async fn consume<Sub: Subscription, Svc: Service>(
     });
     let semaphore = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
-    let mut lanes = Vec::new();
-    if meta.ordered && settle != Settle::Batch {
-        for _ in 0..concurrency {
-            let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
-            let ctx = ctx.clone();
-            tasks.spawn(async move {
-                while let Some(job) = rx.recv().await {
-                    ctx.run_job(job).await;
-                }
-            });
-            lanes.push(tx);
+    // One delivery at a time goes to `concurrency` long-lived workers
+    // rather than to a task of its own: spawning a task per message costs
+    // an allocation and several copies of the task's state. `ordered`:
+    // a queue per worker (a lane), by ordering key; otherwise one queue
+    // all workers take from. `batch`: a task per fetched batch.
+    let mut lanes: Vec<Arc<Queue>> = Vec::new();
+    if settle != Settle::Batch {
+        let queues = if meta.ordered { concurrency } else { 1 };
+        lanes.extend((0..queues).map(|_| Arc::new(Queue::default())));
+        for worker in 0..concurrency {
+            let (ctx, queue) = (ctx.clone(), lanes[worker % queues].clone());
+            tasks.spawn(async move { ctx.work(&queue).await });
         }
     }
     let mut fetch_failures = 0u32;
@@ -464,9 +529,11 @@ pub(crate) async fn consume<Sub: Subscription, Svc: Service>(
             for delivery in deliveries {
                 let seq = ctx.next_seq.fetch_add(1, Ordering::Relaxed);
                 unsettled.insert(seq, delivery.clone());
-                let _permit = permit
-                    .split(1)
-                    .unwrap_or_else(|| unreachable!("one permit per delivery"));
+                let _permit = (settle != Settle::Batch).then(|| {
+                    permit
+                        .split(1)
+                        .unwrap_or_else(|| unreachable!("one permit per delivery"))
+                });
                 jobs.push(Job {
                     seq,
                     delivery,
@@ -477,23 +544,28 @@ pub(crate) async fn consume<Sub: Subscription, Svc: Service>(
         }
         if settle == Settle::Batch {
             let ctx = ctx.clone();
-            tasks.spawn(async move { ctx.run_batch(jobs).await });
-        } else if !lanes.is_empty() {
-            for job in jobs {
-                let lane = lane_of(&job.delivery, lanes.len());
-                // A lane only ends when its sender is dropped below.
-                let _ = lanes[lane].send(job);
-            }
+            // The batch's slots go back in one step when it is done: given
+            // back one by one, the loop could wake at the first and fetch
+            // a batch of one.
+            tasks.spawn(async move {
+                ctx.run_batch(jobs).await;
+                drop(permit);
+            });
         } else {
             for job in jobs {
-                let ctx = ctx.clone();
-                tasks.spawn(async move { ctx.run_job(job).await });
+                let lane = match lanes.len() {
+                    1 => 0,
+                    n => lane_of(&job.delivery, n),
+                };
+                lanes[lane].push(job);
             }
         }
         // Reap finished tasks so the set does not grow without bound.
         while tasks.try_join_next().is_some() {}
     }
-    drop(lanes);
+    for lane in &lanes {
+        lane.close();
+    }
     let drained = tokio::time::timeout(cfg.shutdown_timeout, async {
         while let Some(r) = tasks.join_next().await {
             if let Err(e) = r
@@ -520,4 +592,48 @@ pub(crate) async fn consume<Sub: Subscription, Svc: Service>(
         }
     }
     ctx.sub.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(seq: u64) -> Job {
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        Job {
+            seq,
+            delivery: Delivery::new(format!("m-{seq}"), "t", &b"{}"[..]),
+            group: None,
+            _permit: Some(permit),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_queue_hands_out_its_jobs_in_order_then_ends_when_closed() {
+        let queue = Queue::default();
+        queue.push(job(1));
+        queue.push(job(2));
+        queue.close();
+        assert_eq!(queue.next().await.map(|j| j.seq), Some(1));
+        assert_eq!(queue.next().await.map(|j| j.seq), Some(2));
+        assert!(queue.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn waiting_workers_get_a_pushed_job_and_end_at_close() {
+        let queue = Arc::new(Queue::default());
+        let waiting = |queue: &Arc<Queue>| {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.next().await.map(|j| j.seq) })
+        };
+        let (a, b) = (waiting(&queue), waiting(&queue));
+        // Both are parked on an empty queue before anything arrives.
+        tokio::task::yield_now().await;
+        queue.push(job(7));
+        tokio::task::yield_now().await;
+        queue.close();
+        let mut got = [a.await.unwrap(), b.await.unwrap()];
+        got.sort();
+        assert_eq!(got, [None, Some(7)]);
+    }
 }

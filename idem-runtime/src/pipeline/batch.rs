@@ -210,14 +210,17 @@ impl<H: BatchHandlerFn<M>, M: 'static> Bound<H, M, Many> {
                 .collect();
             guard.release(&taken).await;
         } else {
-            let requests = super::requests_of(self.meta, attempts, items, new);
-            let claimed: Vec<Claimed<'_>> = requests
-                .iter()
-                .zip(new)
-                .filter_map(|(request, &i)| items[i].claimed(request))
-                .collect();
-            let (done, released) = claimed.split_at(kept.len());
-            if let Err(Unsettled { error, .. }) = guard.settle(done, released).await {
+            let settled = {
+                let requests = super::requests_of(self.meta, attempts, items, new);
+                let claimed: Vec<Claimed<'_>> = requests
+                    .iter()
+                    .zip(new)
+                    .filter_map(|(request, &i)| items[i].claimed(request))
+                    .collect();
+                let (done, released) = claimed.split_at(kept.len());
+                guard.settle(done, released).await
+            };
+            if let Err(Unsettled { error, .. }) = settled {
                 return Err(error);
             }
             for &i in kept {

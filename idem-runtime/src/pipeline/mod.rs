@@ -18,6 +18,7 @@ pub(crate) mod steps;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use smallvec::SmallVec;
 use tracing::Instrument;
 
 use self::guard::{ClaimGuard, Unsettled};
@@ -155,13 +156,15 @@ impl<H: HandlerFn<M>, M: 'static> Bound<H, M> {
                 Ok(called) if mode == Pass::Optimistic && !called.is_ok() => {
                     // Undo the whole transaction; this item keeps its
                     // outcome, the others go again, isolated.
-                    let requests = self.requests(attempts, items, Stage::holds_claim);
-                    let taken: Vec<Claimed<'_>> = requests
-                        .iter()
-                        .zip(items.iter().filter(|i| i.stage.holds_claim()))
-                        .filter_map(|(request, item)| item.claimed(request))
-                        .collect();
-                    guard.release(&taken).await;
+                    {
+                        let requests = self.requests(attempts, items, Stage::holds_claim);
+                        let taken: Vec<Claimed<'_>> = requests
+                            .iter()
+                            .zip(items.iter().filter(|i| i.stage.holds_claim()))
+                            .filter_map(|(request, item)| item.claimed(request))
+                            .collect();
+                        guard.release(&taken).await;
+                    }
                     attempts[at].set_outcome(called.outcome());
                     items[i].stage = Stage::Settled;
                     for item in items.iter_mut() {
@@ -226,15 +229,20 @@ impl<H: HandlerFn<M>, M: 'static> Bound<H, M> {
         let span =
             tracing::info_span!("idem.item", message_id = %attempt.delivery().id, key = %key);
         let mut savepoint = guard.savepoint().await.map_err(|e| (None, e))?;
-        let called = steps::call(
+        let call = steps::call(
             &self.handler,
             self.meta,
             payload,
             &mut savepoint.tx,
             attempt,
-        )
-        .instrument(span)
-        .await;
+        );
+        // Without a subscriber that wants it, the span is not entered on
+        // every poll and dropped per item.
+        let called = if span.is_disabled() {
+            call.await
+        } else {
+            call.instrument(span).await
+        };
         match savepoint.end(called.is_ok()).await {
             Ok(()) => Ok(called),
             Err(e) => Err((Some(called), e)),
@@ -280,7 +288,7 @@ impl<H: HandlerFn<M>, M: 'static> Bound<H, M> {
         attempts: &'r [Attempt<'_>],
         items: &'r [Item<H::Payload>],
         stage: fn(&Stage) -> bool,
-    ) -> Vec<ClaimRequest<'r>> {
+    ) -> Few<ClaimRequest<'r>> {
         items
             .iter()
             .filter(|item| stage(&item.stage))
@@ -298,8 +306,8 @@ pub(crate) fn prepare_all<H: Handler<M>, M>(
     handler: &H,
     meta: &HandlerMeta,
     attempts: &mut [Attempt<'_>],
-) -> Vec<Item<H::Payload>> {
-    let mut items: Vec<Item<H::Payload>> = Vec::with_capacity(attempts.len());
+) -> Few<Item<H::Payload>> {
+    let mut items: Few<Item<H::Payload>> = Few::with_capacity(attempts.len());
     for (at, attempt) in attempts.iter_mut().enumerate() {
         match steps::prepare(handler, meta, attempt.delivery()) {
             Ok(item) => items.push(item.at(at)),
@@ -307,19 +315,28 @@ pub(crate) fn prepare_all<H: Handler<M>, M>(
         }
     }
     if items.len() > 1 {
+        // Borrowed keys: no copy of each key per batch.
         let mut seen = HashSet::with_capacity(items.len());
-        for item in &mut items {
-            if !seen.insert(item.key.as_str().to_owned()) {
-                item.stage = Stage::Settled;
-                attempts[item.at].set_outcome(Outcome::Busy {
+        let twins: Vec<usize> = (0..items.len())
+            .filter(|&i| !seen.insert(items[i].key.as_str()))
+            .collect();
+        if !twins.is_empty() {
+            for i in twins {
+                attempts[items[i].at].set_outcome(Outcome::Busy {
                     retry_after: Duration::ZERO,
                 });
+                items[i].stage = Stage::Settled;
             }
+            items.retain(|i| !matches!(i.stage, Stage::Settled));
         }
-        items.retain(|i| !matches!(i.stage, Stage::Settled));
     }
     items
 }
+
+/// A unit's items, claim requests or claims: inline for one delivery, so
+/// a message on its own costs no heap allocation for them; on the heap for
+/// a batch (one allocation per batch).
+pub(crate) type Few<T> = SmallVec<[T; 1]>;
 
 /// Sets `StoreDown` on every item without an outcome.
 pub(crate) fn store_down<P>(attempts: &mut [Attempt<'_>], items: &[Item<P>], e: &StoreError) {
@@ -354,7 +371,7 @@ pub(crate) fn requests_of<'r, P>(
     attempts: &'r [Attempt<'_>],
     items: &'r [Item<P>],
     idx: &[usize],
-) -> Vec<ClaimRequest<'r>> {
+) -> Few<ClaimRequest<'r>> {
     idx.iter()
         .map(|&i| request(meta, attempts, &items[i]))
         .collect()
@@ -378,9 +395,9 @@ pub(crate) fn not_new<P>(meta: &HandlerMeta, claim: Claim, item: &Item<P>) -> Ou
 fn claimed<'r, P>(
     requests: &'r [ClaimRequest<'r>],
     items: &'r [Item<P>],
-) -> (Vec<Claimed<'r>>, Vec<Claimed<'r>>) {
-    let mut done = Vec::new();
-    let mut failed = Vec::new();
+) -> (Few<Claimed<'r>>, Few<Claimed<'r>>) {
+    let mut done = Few::new();
+    let mut failed = Few::new();
     let holding = items.iter().filter(|i| i.stage.holds_claim());
     for (request, item) in requests.iter().zip(holding) {
         if let Stage::Called { token, called } = &item.stage {

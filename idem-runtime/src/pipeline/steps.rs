@@ -194,15 +194,51 @@ pub(crate) async fn call<H: HandlerFn<M>, M>(
     }
 }
 
-/// The handler's result as cached JSON; `None` for `()`/`null`.
+/// The handler's result as cached JSON; `None` for `()`/`null`, without
+/// allocating for it (most handlers return `()`).
 fn result_json<T: serde::Serialize>(output: &T) -> Option<String> {
-    match serde_json::to_string(output) {
-        Ok(s) if s == "null" => None,
-        Ok(s) => Some(s),
+    let mut json = Json::default();
+    match serde_json::to_writer(&mut json, output) {
+        Ok(()) if json.spilled.is_empty() && json.head[..json.len] == *b"null" => None,
+        Ok(()) => {
+            if json.spilled.is_empty() {
+                json.spilled.extend_from_slice(&json.head[..json.len]);
+            }
+            // serde_json writes UTF-8 only.
+            String::from_utf8(json.spilled).ok()
+        }
         Err(e) => {
             tracing::warn!(error = %e, "handler result could not be serialized; it is not cached");
             None
         }
+    }
+}
+
+/// JSON text whose first four bytes stay inline: `null` needs no heap.
+#[derive(Default)]
+struct Json {
+    head: [u8; 4],
+    len: usize,
+    /// Everything, once it is longer than `head`.
+    spilled: Vec<u8>,
+}
+
+impl std::io::Write for Json {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.spilled.is_empty() && self.len + bytes.len() <= self.head.len() {
+            self.head[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+            self.len += bytes.len();
+        } else {
+            if self.spilled.is_empty() {
+                self.spilled.extend_from_slice(&self.head[..self.len]);
+            }
+            self.spilled.extend_from_slice(bytes);
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -235,4 +271,22 @@ pub(crate) fn conflict_reason(
          every delivery of a done key is a duplicate)",
         meta.name
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::result_json;
+
+    #[test]
+    fn results_are_cached_as_json_and_null_is_none() {
+        assert_eq!(result_json(&()), None);
+        assert_eq!(result_json(&None::<u32>), None);
+        assert_eq!(result_json(&7u8).as_deref(), Some("7"));
+        assert_eq!(result_json(&"ab").as_deref(), Some("\"ab\""));
+        assert_eq!(result_json(&"abc").as_deref(), Some("\"abc\""));
+        assert_eq!(
+            result_json(&serde_json::json!({"id": "ord-1", "n": [1, 2]})).as_deref(),
+            Some(r#"{"id":"ord-1","n":[1,2]}"#)
+        );
+    }
 }
