@@ -1,0 +1,159 @@
+"""Plots of scripts/bench.sh's CSV files: scripts/plot.py <csv dir> <png dir>.
+
+stores.png  the store matrix: idem, the hand loop and the store's own tool
+sweep.png   throughput and p50/p99 latency against concurrency and batch size
+soak.png    resident memory over a million messages, TTL purge running
+brokers.png end to end per broker (when brokers.csv exists)
+"""
+
+import csv
+import os
+import sys
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+src, dst = sys.argv[1], sys.argv[2]
+os.makedirs(dst, exist_ok=True)
+COLORS = {"idem": "#1f77b4", "hand": "#ff7f0e", "pgbench": "#2ca02c",
+          "redis-benchmark": "#2ca02c", "mysqlslap": "#2ca02c", "raw": "#ff7f0e"}
+
+
+def rows(name):
+    path = os.path.join(src, name)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def save(fig, name):
+    fig.tight_layout()
+    fig.savefig(os.path.join(dst, name), dpi=72)
+    plt.close(fig)
+    print("wrote", os.path.join(dst, name))
+
+
+def stores():
+    data = [r for r in rows("stores.csv") if r["bench"] == "matrix"]
+    if not data:
+        return
+    modes = ["single", "item", "vec"]
+    titles = {"single": "single (16 in flight)", "item": "per-item batch (64)",
+              "vec": "batch handler (64)"}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    for ax, mode in zip(axes, modes):
+        sel = [r for r in data if r["mode"] == mode]
+        store_names = list(dict.fromkeys(r["store"] for r in sel))
+        impls = ["idem", "hand", "native"]
+        width = 0.27
+        for k, impl in enumerate(impls):
+            xs, ys, cs = [], [], []
+            for i, s in enumerate(store_names):
+                for r in sel:
+                    if r["store"] != s:
+                        continue
+                    kind = r["impl"] if r["impl"] in ("idem", "hand") else "native"
+                    if kind == impl:
+                        xs.append(i + (k - 1) * width)
+                        ys.append(float(r["msg_per_s"]))
+                        cs.append(COLORS.get(r["impl"], "#2ca02c"))
+            ax.bar(xs, ys, width, color=cs,
+                   label={"idem": "idem", "hand": "hand-written loop",
+                          "native": "store's own tool"}[impl])
+        ax.set_xticks(range(len(store_names)), store_names)
+        ax.set_yscale("log")
+        ax.set_title(titles[mode])
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("messages/s (log)")
+    axes[0].legend(fontsize=8)
+    save(fig, "stores.png")
+
+
+def sweep():
+    data = [r for r in rows("stores.csv") if r["bench"] == "sweep"]
+    if not data:
+        return
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for col, (mode, x, label) in enumerate(
+            [("single", "concurrency", "concurrency (single)"),
+             ("vec", "batch", "batch size (batch handler)")]):
+        series = defaultdict(list)
+        for r in data:
+            if r["mode"] == mode:
+                series[(r["store"], r["impl"])].append(r)
+        for (store, impl), rs in sorted(series.items()):
+            rs.sort(key=lambda r: int(r[x]))
+            xs = [int(r[x]) for r in rs]
+            style = "-" if impl == "idem" else ("--" if impl == "hand" else ":")
+            axes[0][col].plot(xs, [float(r["msg_per_s"]) for r in rs], style,
+                              marker="o", label=f"{store} {impl}")
+            if impl in ("idem", "hand"):
+                axes[1][col].plot(xs, [float(r["p50_ms"]) for r in rs], style,
+                                  marker="o", label=f"{store} {impl} p50")
+                axes[1][col].plot(xs, [float(r["p99_ms"]) for r in rs], style,
+                                  marker="x", label=f"{store} {impl} p99")
+        for row in (0, 1):
+            ax = axes[row][col]
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+        axes[0][col].set_ylabel("messages/s")
+        axes[1][col].set_ylabel("latency per message, ms (fetch→ack)")
+    save(fig, "sweep.png")
+
+
+def soak():
+    data = rows("soak.csv")
+    if not data:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for store in dict.fromkeys(r["store"] for r in data):
+        rs = [r for r in data if r["store"] == store]
+        xs = [int(r["settled"]) / 1000 for r in rs]
+        ax.plot(xs, [int(r["vm_rss_kib"]) / 1024 for r in rs], "-", label=f"{store} VmRSS")
+        ax.plot(xs, [int(r["vm_hwm_kib"]) / 1024 for r in rs], "--", label=f"{store} VmHWM (peak)")
+    for m in (100, 500, 1000):
+        ax.axvline(m, color="grey", alpha=0.3)
+    ax.set_xlabel("messages settled (thousands)")
+    ax.set_ylabel("MiB")
+    ax.set_ylim(bottom=0)
+    ax.set_title("soak: 1M messages, ttl 1 s, purge every 250 ms")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, "soak.png")
+
+
+def brokers():
+    data = rows("brokers.csv")
+    if not data:
+        return
+    fig, ax = plt.subplots(figsize=(10, 4))
+    labels = list(dict.fromkeys(f"{r['broker']}\n{r['store']} {r['mode']}" for r in data))
+    impls = list(dict.fromkeys(r["impl"] for r in data))
+    width = 0.8 / max(len(impls), 1)
+    for k, impl in enumerate(impls):
+        xs, ys = [], []
+        for i, lab in enumerate(labels):
+            for r in data:
+                if f"{r['broker']}\n{r['store']} {r['mode']}" == lab and r["impl"] == impl:
+                    xs.append(i + (k - (len(impls) - 1) / 2) * width)
+                    ys.append(float(r["msg_per_s"]))
+        ax.bar(xs, ys, width, label=impl, color=COLORS.get(impl))
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_ylabel("messages/s")
+    ax.set_yscale("log")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, "brokers.png")
+
+
+stores()
+sweep()
+soak()
+brokers()
