@@ -108,11 +108,54 @@ macro_rules! lease_handlers {
     };
 }
 
-sql_handlers!("sqlite", sqlite_single, sqlite_item, sqlite_vec, "sqlite-single", "sqlite-item", "sqlite-vec", "INSERT INTO effects (id, amount) VALUES (?, ?)");
-sql_handlers!("postgres", pg_single, pg_item, pg_vec, "postgres-single", "postgres-item", "postgres-vec", "INSERT INTO effects (id, amount) VALUES ($1, $2)");
-sql_handlers!("mysql", my_single, my_item, my_vec, "mysql-single", "mysql-item", "mysql-vec", "INSERT INTO effects (id, amount) VALUES (?, ?)");
-lease_handlers!("memory", mem_single, mem_item, mem_vec, "memory-single", "memory-item", "memory-vec");
-lease_handlers!("redis", redis_single, redis_item, redis_vec, "redis-single", "redis-item", "redis-vec");
+sql_handlers!(
+    "sqlite",
+    sqlite_single,
+    sqlite_item,
+    sqlite_vec,
+    "sqlite-single",
+    "sqlite-item",
+    "sqlite-vec",
+    "INSERT INTO effects (id, amount) VALUES (?, ?)"
+);
+sql_handlers!(
+    "postgres",
+    pg_single,
+    pg_item,
+    pg_vec,
+    "postgres-single",
+    "postgres-item",
+    "postgres-vec",
+    "INSERT INTO effects (id, amount) VALUES ($1, $2)"
+);
+sql_handlers!(
+    "mysql",
+    my_single,
+    my_item,
+    my_vec,
+    "mysql-single",
+    "mysql-item",
+    "mysql-vec",
+    "INSERT INTO effects (id, amount) VALUES (?, ?)"
+);
+lease_handlers!(
+    "memory",
+    mem_single,
+    mem_item,
+    mem_vec,
+    "memory-single",
+    "memory-item",
+    "memory-vec"
+);
+lease_handlers!(
+    "redis",
+    redis_single,
+    redis_item,
+    redis_vec,
+    "redis-single",
+    "redis-item",
+    "redis-vec"
+);
 
 /// How a fetched group of messages is processed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,7 +225,8 @@ macro_rules! sql_effects {
 /// One store under test, with what the hand loop needs.
 #[derive(Clone)]
 enum Store {
-    Memory(MemoryStore, Arc<Mutex<std::collections::HashSet<String>>>),
+    /// (`MemoryStore` is not `Clone`: each idem run gets a fresh one.)
+    Memory(Arc<Mutex<std::collections::HashSet<String>>>),
     Sqlite(SqliteStore),
     Postgres(PostgresStore, Arc<str>),
     Mysql(MysqlStore),
@@ -204,7 +248,9 @@ impl Store {
     async fn idem(&self, mode: Mode, concurrency: usize, prefix: &str, n: u64) -> BoxResult<Row> {
         let handler = format!("{}-{}", self.name(), mode.suffix());
         match self {
-            Store::Memory(s, _) => run_idem(s.clone(), &handler, concurrency, prefix, n).await,
+            Store::Memory(_) => {
+                run_idem(MemoryStore::new(), &handler, concurrency, prefix, n).await
+            }
             Store::Sqlite(s) => run_idem(s.clone(), &handler, concurrency, prefix, n).await,
             Store::Postgres(s, _) => run_idem(s.clone(), &handler, concurrency, prefix, n).await,
             Store::Mysql(s) => run_idem(s.clone(), &handler, concurrency, prefix, n).await,
@@ -220,12 +266,11 @@ impl Store {
         for _ in 0..workers {
             let (store, source) = (self.clone(), source.clone());
             tasks.spawn(async move {
-                loop {
+                // Every message handed out: this worker is done (the hand
+                // loop never nacks).
+                while !source.exhausted() {
                     let ds = source.take(batch).await;
                     if ds.is_empty() {
-                        if source.settled() >= n {
-                            return;
-                        }
                         continue;
                     }
                     let events: Vec<Event> = ds
@@ -244,9 +289,9 @@ impl Store {
     }
 
     async fn process(&self, mode: Mode, events: &[Event]) {
-        const KEY_PG: &str = "hand";
+        const HAND: &str = "hand";
         match self {
-            Store::Memory(_, seen) => {
+            Store::Memory(seen) => {
                 let mut seen = seen.lock().unwrap();
                 for e in events {
                     assert!(seen.insert(e.id.clone()));
@@ -280,7 +325,7 @@ impl Store {
             Store::Postgres(s, claim) => {
                 let mut tx = s.pool().begin().await.expect("begin");
                 let keys: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
-                let handlers = vec![KEY_PG; keys.len()];
+                let handlers = vec![HAND; keys.len()];
                 let fps: Vec<i64> = events.iter().map(|e| e.amount).collect();
                 let ttls: Vec<Option<i64>> = vec![None; keys.len()];
                 let rows = sqlx::query(AssertSqlSafe(claim.clone()))
@@ -293,35 +338,12 @@ impl Store {
                     .await
                     .expect("claim");
                 assert_eq!(rows.len(), events.len());
-                match mode {
-                    Mode::Single | Mode::Item => {
-                        for e in events {
-                            let mut item = if mode == Mode::Item {
-                                Some(sqlx::Acquire::begin(&mut tx).await.expect("savepoint"))
-                            } else {
-                                None
-                            };
-                            let q = sqlx::query("INSERT INTO effects (id, amount) VALUES ($1, $2)")
-                                .bind(&e.id)
-                                .bind(e.amount);
-                            match item.as_mut() {
-                                Some(sp) => q.execute(&mut **sp).await,
-                                None => q.execute(&mut *tx).await,
-                            }
-                            .expect("effect");
-                            if let Some(sp) = item {
-                                sp.commit().await.expect("release");
-                            }
-                        }
-                    }
-                    Mode::Vec => {
-                        let mut q = QueryBuilder::new("INSERT INTO effects (id, amount) ");
-                        q.push_values(events, |mut r, e| {
-                            r.push_bind(&e.id).push_bind(e.amount);
-                        });
-                        q.build().execute(&mut *tx).await.expect("effects");
-                    }
-                }
+                sql_effects!(
+                    tx,
+                    mode,
+                    events,
+                    "INSERT INTO effects (id, amount) VALUES ($1, $2)"
+                );
                 tx.commit().await.expect("commit");
             }
             Store::Sqlite(s) => {
@@ -332,7 +354,12 @@ impl Store {
                 });
                 q.push(" ON CONFLICT DO NOTHING");
                 q.build().execute(&mut *tx).await.expect("claim");
-                sql_effects!(tx, mode, events, "INSERT INTO effects (id, amount) VALUES (?, ?)");
+                sql_effects!(
+                    tx,
+                    mode,
+                    events,
+                    "INSERT INTO effects (id, amount) VALUES (?, ?)"
+                );
                 tx.commit().await.expect("commit");
             }
             Store::Mysql(s) => {
@@ -342,13 +369,17 @@ impl Store {
                     r.push_bind(&e.id);
                 });
                 q.build().execute(&mut *tx).await.expect("claim");
-                sql_effects!(tx, mode, events, "INSERT INTO effects (id, amount) VALUES (?, ?)");
+                sql_effects!(
+                    tx,
+                    mode,
+                    events,
+                    "INSERT INTO effects (id, amount) VALUES (?, ?)"
+                );
                 tx.commit().await.expect("commit");
             }
         }
     }
 }
-
 
 /// One measurement.
 #[derive(Debug, Clone, Copy, Default)]
@@ -389,7 +420,11 @@ async fn run_idem<D: DedupStore<M>, M>(
     });
     let stats = rt.stats_of(handler).unwrap_or_default();
     if stats.processed != n {
-        return Err(format!("{handler}: {} of {n} processed ({stats:?})", stats.processed).into());
+        return Err(format!(
+            "{handler}: {} of {n} processed ({stats:?})",
+            stats.processed
+        )
+        .into());
     }
     Ok(elapsed.unwrap_or_default())
 }
@@ -406,7 +441,7 @@ fn bench_id() -> String {
 async fn open(name: &str) -> BoxResult<Store> {
     let id = bench_id();
     Ok(match name {
-        "memory" => Store::Memory(MemoryStore::new(), Arc::default()),
+        "memory" => Store::Memory(Arc::default()),
         "sqlite" => {
             let path = std::env::temp_dir().join(format!("{id}.db"));
             for suffix in ["", "-wal", "-shm"] {
@@ -424,7 +459,10 @@ async fn open(name: &str) -> BoxResult<Store> {
             Store::Sqlite(store)
         }
         "postgres" => {
-            let url = env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres");
+            let url = env(
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            );
             let admin = PostgresStore::connect(&url).await?;
             admin
                 .pool()
@@ -548,19 +586,34 @@ fn native(store: &Store, clients: usize, batch: usize, n: u64) -> Option<(&'stat
             } else {
                 format!("{root}/benches/pgbench/batch.sql")
             };
-            let url = env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres");
+            let url = env(
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            );
             let out = Command::new("pgbench")
                 .env("PGOPTIONS", format!("-c search_path={}", bench_id()))
-                .args(["-n", "-f", &script, "-D", &format!("batch={batch}")])
-                .args(["-c", &clients.to_string(), "-j", &clients.min(2).to_string()])
-                .args(["-t", &per_client.to_string(), &url])
+                .args([
+                    "-n",
+                    "-f",
+                    script.as_str(),
+                    "-D",
+                    format!("batch={batch}").as_str(),
+                ])
+                .args(["-c", clients.to_string().as_str()])
+                .args(["-j", clients.min(2).to_string().as_str()])
+                .args(["-t", per_client.to_string().as_str(), url.as_str()])
                 .output();
             ("pgbench", out)
         }
         Store::Redis(..) => {
             let out = Command::new("redis-benchmark")
-                .args(["-q", "-r", "1000000000", "-c", &clients.to_string()])
-                .args(["-P", &batch.to_string(), "-n", &(n * 2).to_string()])
+                .args(["-q", "-r", "1000000000", "-c", clients.to_string().as_str()])
+                .args([
+                    "-P",
+                    batch.to_string().as_str(),
+                    "-n",
+                    (n * 2).to_string().as_str(),
+                ])
                 .args(["SET", "rb:__rand_int__", "x", "NX", "PX", "60000"])
                 .output();
             ("redis-benchmark", out)
@@ -575,9 +628,7 @@ fn native(store: &Store, clients: usize, batch: usize, n: u64) -> Option<(&'stat
                 .unwrap_or("127.0.0.1:3306")
                 .to_string();
             let (host, port) = host_port.split_once(':').unwrap_or((&host_port, "3306"));
-            let values: Vec<String> = (0..batch)
-                .map(|_| "(uuid(), 1)".to_string())
-                .collect();
+            let values: Vec<String> = (0..batch).map(|_| "(uuid(), 1)".to_string()).collect();
             let keys: Vec<String> = (0..batch).map(|_| "(uuid())".to_string()).collect();
             let query = format!(
                 "START TRANSACTION; INSERT IGNORE INTO hand_keys (k) VALUES {}; INSERT INTO effects (id, amount) VALUES {}; COMMIT;",
@@ -586,10 +637,11 @@ fn native(store: &Store, clients: usize, batch: usize, n: u64) -> Option<(&'stat
             );
             let out = Command::new("mysqlslap")
                 .args(["-h", host, "-P", port, "-u", "root"])
-                .args(["--create-schema", &bench_id(), "--delimiter", ";"])
-                .args(["--concurrency", &clients.to_string()])
-                .args(["--number-of-queries", &(per_client * clients as u64 * 4).to_string()])
-                .args(["--query", &query])
+                .args(["--create-schema", bench_id().as_str(), "--delimiter", ";"])
+                .args(["--concurrency", clients.to_string().as_str()])
+                .arg("--number-of-queries")
+                .arg((per_client * clients as u64 * 4).to_string())
+                .args(["--query", query.as_str()])
                 .output();
             ("mysqlslap", out)
         }
@@ -598,7 +650,10 @@ fn native(store: &Store, clients: usize, batch: usize, n: u64) -> Option<(&'stat
     let out = match output {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
         Ok(o) => {
-            eprintln!("  {tool} failed: {}", String::from_utf8_lossy(&o.stderr).trim());
+            eprintln!(
+                "  {tool} failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
             return None;
         }
         Err(e) => {
@@ -679,6 +734,11 @@ async fn main() -> BoxResult<()> {
         {
             sweep(&store, &plan, &mut csv).await?;
         }
+        if name == "redis" {
+            // Serial, as the Python peer runs (benches/powertools/).
+            let n = plan.single_n / 2;
+            point(&store, "peer", Mode::Single, 1, 1, n, plan.rounds, &mut csv).await?;
+        }
         close(&store).await?;
     }
     Ok(())
@@ -703,21 +763,34 @@ async fn point(
     // Warm-up (connections, prepared statements).
     let warm = (batch as u64 * 4).max(100);
     store
-        .idem(mode, concurrency.max(batch), &format!("w-{bench}-{concurrency}-{batch}"), warm)
+        .idem(
+            mode,
+            concurrency.max(batch),
+            &format!("w-{bench}-{concurrency}-{batch}"),
+            warm,
+        )
         .await?;
     for round in 0..rounds {
         let prefix = format!("{bench}-{}-{concurrency}-{batch}-{round}", mode.suffix());
         // idem: `concurrency` slots; in batch modes a batch is one fetch of
         // up to `concurrency` messages, so the slots are the batch size.
-        let slots = if mode == Mode::Single { concurrency } else { batch };
+        let slots = if mode == Mode::Single {
+            concurrency
+        } else {
+            batch
+        };
         idem.push(store.idem(mode, slots, &format!("i-{prefix}"), n).await?);
         let (workers, per) = if mode == Mode::Single {
             (concurrency, 1)
         } else {
             (1, batch)
         };
-        hand.push(store.hand(mode, workers, per, &format!("h-{prefix}"), n).await);
-        if mode != Mode::Item {
+        hand.push(
+            store
+                .hand(mode, workers, per, &format!("h-{prefix}"), n)
+                .await,
+        );
+        {
             // Let the pool's idle connections close: pgbench at 64 clients
             // and a full pool would pass PostgreSQL's 100 connections.
             if matches!(store, Store::Postgres(..)) && workers > 16 {
@@ -733,7 +806,7 @@ async fn point(
     let (i, h) = (med(&idem, |r| r.rate), med(&hand, |r| r.rate));
     let nat = median(nat);
     print!(
-        "{bench:<6} {name:<9} {:<15} c={concurrency:<3} b={batch:<4} idem {i:>8.0}/s p50 {:>7.2} p99 {:>7.2} ms | hand {h:>8.0}/s p50 {:>7.2} p99 {:>7.2} ms | idem/hand {:.2}",
+        "{bench:<6} {name:<9} {:<15} c={concurrency:<3} b={batch:<4} idem {i:>8.0}/s p50 {:>7.3} p99 {:>7.3} ms | hand {h:>8.0}/s p50 {:>7.3} p99 {:>7.3} ms | idem/hand {:.2}",
         mode.name(),
         med(&idem, |r| r.p50),
         med(&idem, |r| r.p99),
@@ -743,19 +816,82 @@ async fn point(
     );
     if nat > 0.0 {
         print!(" | {tool} {nat:>8.0}/s idem/{tool} {:.2}", i / nat);
-        csv.row(&[&bench, &name, &mode.suffix(), &tool, &concurrency, &batch, &n, &format!("{nat:.0}"), &"", &""]);
+        csv.row(&[
+            &bench,
+            &name,
+            &mode.suffix(),
+            &tool,
+            &concurrency,
+            &batch,
+            &n,
+            &format!("{nat:.0}"),
+            &"",
+            &"",
+        ]);
     }
     println!();
-    csv.row(&[&bench, &name, &mode.suffix(), &"idem", &concurrency, &batch, &n, &format!("{i:.0}"), &format!("{:.3}", med(&idem, |r| r.p50)), &format!("{:.3}", med(&idem, |r| r.p99))]);
-    csv.row(&[&bench, &name, &mode.suffix(), &"hand", &concurrency, &batch, &n, &format!("{h:.0}"), &format!("{:.3}", med(&hand, |r| r.p50)), &format!("{:.3}", med(&hand, |r| r.p99))]);
+    csv.row(&[
+        &bench,
+        &name,
+        &mode.suffix(),
+        &"idem",
+        &concurrency,
+        &batch,
+        &n,
+        &format!("{i:.0}"),
+        &format!("{:.3}", med(&idem, |r| r.p50)),
+        &format!("{:.3}", med(&idem, |r| r.p99)),
+    ]);
+    csv.row(&[
+        &bench,
+        &name,
+        &mode.suffix(),
+        &"hand",
+        &concurrency,
+        &batch,
+        &n,
+        &format!("{h:.0}"),
+        &format!("{:.3}", med(&hand, |r| r.p50)),
+        &format!("{:.3}", med(&hand, |r| r.p99)),
+    ]);
     Ok(())
 }
 
 /// single at 16, per-item batch and batch handler at 64.
 async fn matrix(store: &Store, plan: &Plan, csv: &mut Csv) -> BoxResult<()> {
-    point(store, "matrix", Mode::Single, 16, 1, plan.single_n, plan.rounds, csv).await?;
-    point(store, "matrix", Mode::Item, 64, 64, plan.batch_n, plan.rounds, csv).await?;
-    point(store, "matrix", Mode::Vec, 64, 64, plan.batch_n, plan.rounds, csv).await?;
+    point(
+        store,
+        "matrix",
+        Mode::Single,
+        16,
+        1,
+        plan.single_n,
+        plan.rounds,
+        csv,
+    )
+    .await?;
+    point(
+        store,
+        "matrix",
+        Mode::Item,
+        64,
+        64,
+        plan.batch_n,
+        plan.rounds,
+        csv,
+    )
+    .await?;
+    point(
+        store,
+        "matrix",
+        Mode::Vec,
+        64,
+        64,
+        plan.batch_n,
+        plan.rounds,
+        csv,
+    )
+    .await?;
     Ok(())
 }
 

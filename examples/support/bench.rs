@@ -124,6 +124,13 @@ impl Generator {
         self.0.settled.load(Ordering::Acquire)
     }
 
+    /// Whether every message has been handed out once and none waits for
+    /// redelivery.
+    pub fn exhausted(&self) -> bool {
+        self.0.next.load(Ordering::Acquire) >= self.0.total
+            && self.0.redo.lock().unwrap().is_empty()
+    }
+
     /// Messages dead-lettered so far.
     pub fn dead(&self) -> u64 {
         self.0.dead.load(Ordering::Acquire)
