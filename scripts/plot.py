@@ -85,16 +85,18 @@ def sweep():
         for r in data:
             if r["mode"] == mode:
                 series[(r["store"], r["impl"])].append(r)
-        for (store, impl), rs in sorted(series.items()):
+        palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for k, ((store, impl), rs) in enumerate(sorted(series.items())):
             rs.sort(key=lambda r: int(r[x]))
             xs = [int(r[x]) for r in rs]
+            color = palette[k % len(palette)]
             style = "-" if impl == "idem" else ("--" if impl == "hand" else ":")
-            axes[0][col].plot(xs, [float(r["msg_per_s"]) for r in rs], style,
+            axes[0][col].plot(xs, [float(r["msg_per_s"]) for r in rs], style, color=color,
                               marker="o", label=f"{store} {impl}")
             if impl in ("idem", "hand"):
-                axes[1][col].plot(xs, [float(r["p50_ms"]) for r in rs], style,
+                axes[1][col].plot(xs, [float(r["p50_ms"]) for r in rs], "-", color=color,
                                   marker="o", label=f"{store} {impl} p50")
-                axes[1][col].plot(xs, [float(r["p99_ms"]) for r in rs], style,
+                axes[1][col].plot(xs, [float(r["p99_ms"]) for r in rs], ":", color=color,
                                   marker="x", label=f"{store} {impl} p99")
         for row in (0, 1):
             ax = axes[row][col]
@@ -160,3 +162,69 @@ stores()
 sweep()
 soak()
 brokers()
+
+
+def tables():
+    """Markdown tables of the CSVs, for docs/PERFORMANCE.md: <csv dir>/tables.md."""
+    out = []
+    st = rows("stores.csv")
+    if st:
+        def table(bench, title):
+            sel = [r for r in st if r["bench"] == bench]
+            if not sel:
+                return
+            out.append(f"### {title}\n")
+            out.append("| store | mode | concurrency | batch | idem msg/s | p50 / p99 ms | hand msg/s | p50 / p99 ms | idem / hand | store's tool msg/s | idem / tool |")
+            out.append("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+            keyf = lambda r: (r["store"], r["mode"], r["concurrency"], r["batch"])
+            groups = {}
+            for r in sel:
+                groups.setdefault(keyf(r), {})[r["impl"]] = r
+            for (store, mode, c, b), g in groups.items():
+                i, h = g.get("idem"), g.get("hand")
+                tool = next((v for k, v in g.items() if k not in ("idem", "hand")), None)
+                ir = float(i["msg_per_s"]) if i else 0
+                hr = float(h["msg_per_s"]) if h else 0
+                tr = float(tool["msg_per_s"]) if tool else 0
+                out.append(
+                    f"| {store} | {mode} | {c} | {b} | {ir:,.0f} | {i['p50_ms']} / {i['p99_ms']} | "
+                    f"{hr:,.0f} | {h['p50_ms']} / {h['p99_ms']} | {ir / hr if hr else 0:.2f} | "
+                    + (f"{tr:,.0f} ({tool['impl']}) | {ir / tr:.2f} |" if tool else "– | – |"))
+            out.append("")
+        table("matrix", "Store matrix")
+        table("sweep", "Sweep: concurrency (single) and batch size (batch handler)")
+        table("peer", "Serial (the Python peer's shape)")
+    br = rows("brokers.csv")
+    if br:
+        out.append("### End to end through the brokers\n")
+        out.append("| broker | mode | idem → SQLite | idem → PostgreSQL | hand loop (no store) | idem→PG / hand |")
+        out.append("|---|---|--:|--:|--:|--:|")
+        for broker in dict.fromkeys(r["broker"] for r in br):
+            for mode in ("single", "batch"):
+                get = lambda store, impl: next((float(r["msg_per_s"]) for r in br if r["broker"] == broker and r["mode"] == mode and r["store"] == store and r["impl"] == impl), 0)
+                sq, pg, hd = get("SQLite", "idem"), get("PostgreSQL", "idem"), get("none", "hand")
+                out.append(f"| {broker} | {mode} | {sq:,.0f} | {pg:,.0f} | {hd:,.0f} | {pg / hd if hd else 0:.2f} |")
+        out.append("")
+    sk = rows("soak.csv")
+    if sk:
+        out.append("### Soak\n")
+        out.append("| store | settled | seconds | VmRSS MiB | VmHWM MiB | purged |")
+        out.append("|---|--:|--:|--:|--:|--:|")
+        for r in sk:
+            if int(r["settled"]) % 100000 < 1000 or r is sk[-1]:
+                out.append(f"| {r['store']} | {int(r['settled']):,} | {r['seconds']} | {int(r['vm_rss_kib']) / 1024:.1f} | {int(r['vm_hwm_kib']) / 1024:.1f} | {int(r['purged']):,} |")
+        out.append("")
+    pt = rows("powertools.csv")
+    if pt:
+        out.append("### Powertools (Python) on Redis, serial\n")
+        out.append("| impl | kind | messages | msg/s |")
+        out.append("|---|---|--:|--:|")
+        for r in pt:
+            out.append(f"| {r['impl']} | {r['kind']} | {r['messages']} | {float(r['msg_per_s']):,.0f} |")
+        out.append("")
+    with open(os.path.join(src, "tables.md"), "w") as f:
+        f.write("\n".join(out))
+    print("wrote", os.path.join(src, "tables.md"))
+
+
+tables()
