@@ -164,6 +164,32 @@ soak()
 brokers()
 
 
+def targets(st, br):
+    """The issue's targets, as ratios of figures from this run."""
+    def rate(bench, store, mode, impl, c=None, b=None):
+        for r in st:
+            if (r["bench"], r["store"], r["mode"], r["impl"]) == (bench, store, mode, impl) \
+                    and (c is None or r["concurrency"] == str(c)) and (b is None or r["batch"] == str(b)):
+                return float(r["msg_per_s"])
+        return 0.0
+    out = ["### Targets (ratios from this run)\n",
+           "| target | figures | ratio | met |", "|---|---|--:|---|"]
+    pgb = rate("matrix", "postgres", "vec", "pgbench", 64, 64)
+    for mode, need, label in (("vec", 0.5, "PostgreSQL batch handler ≥ 0.5 × pgbench batched (64, 1 client)"),
+                              ("item", 0.25, "PostgreSQL per-item batch ≥ 0.25 × pgbench batched (64, 1 client)")):
+        i = rate("matrix", "postgres", mode, "idem", 64, 64)
+        if i and pgb:
+            out.append(f"| {label} | {i:,.0f} vs {pgb:,.0f} | {i / pgb:.2f} | {'yes' if i / pgb >= need else 'NO'} |")
+    for broker in dict.fromkeys(r["broker"] for r in br):
+        get = lambda store, impl: next((float(r["msg_per_s"]) for r in br if r["broker"] == broker and r["mode"] == "batch" and r["store"] == store and r["impl"] == impl), 0)
+        pg, hd = get("PostgreSQL", "idem"), get("none", "hand")
+        if pg and hd and pgb:
+            floor = min(hd, pgb)
+            out.append(f"| {broker} → PostgreSQL, batch ≥ 0.5 × min(hand loop {hd:,.0f}, pgbench batched {pgb:,.0f}) | {pg:,.0f} vs {floor:,.0f} | {pg / floor:.2f} | {'yes' if pg / floor >= 0.5 else 'NO'} |")
+    out.append("")
+    return out
+
+
 def tables():
     """Markdown tables of the CSVs, for docs/PERFORMANCE.md: <csv dir>/tables.md."""
     out = []
@@ -203,16 +229,23 @@ def tables():
             for mode in ("single", "batch"):
                 get = lambda store, impl: next((float(r["msg_per_s"]) for r in br if r["broker"] == broker and r["mode"] == mode and r["store"] == store and r["impl"] == impl), 0)
                 sq, pg, hd = get("SQLite", "idem"), get("PostgreSQL", "idem"), get("none", "hand")
-                out.append(f"| {broker} | {mode} | {sq:,.0f} | {pg:,.0f} | {hd:,.0f} | {pg / hd if hd else 0:.2f} |")
+                out.append(f"| {broker} | {mode} | {f'{sq:,.0f}' if sq else '–'} | {pg:,.0f} | {hd:,.0f} | {pg / hd if hd else 0:.2f} |")
         out.append("")
     sk = rows("soak.csv")
     if sk:
         out.append("### Soak\n")
         out.append("| store | settled | seconds | VmRSS MiB | VmHWM MiB | purged |")
         out.append("|---|--:|--:|--:|--:|--:|")
-        for r in sk:
-            if int(r["settled"]) % 100000 < 1000 or r is sk[-1]:
-                out.append(f"| {r['store']} | {int(r['settled']):,} | {r['seconds']} | {int(r['vm_rss_kib']) / 1024:.1f} | {int(r['vm_hwm_kib']) / 1024:.1f} | {int(r['purged']):,} |")
+        for store in dict.fromkeys(r["store"] for r in sk):
+            rs = [r for r in sk if r["store"] == store]
+            marked = [next((r for r in rs if int(r["settled"]) >= m), None)
+                      for m in (100_000, 500_000, 1_000_000)]
+            for r in marked:
+                if r:
+                    out.append(f"| {r['store']} | {int(r['settled']):,} | {r['seconds']} | {int(r['vm_rss_kib']) / 1024:.1f} | {int(r['vm_hwm_kib']) / 1024:.1f} | {int(r['purged']):,} |")
+            if marked[0] and marked[-1]:
+                g = int(marked[-1]["vm_hwm_kib"]) / int(marked[0]["vm_hwm_kib"]) - 1
+                out.append(f"| {store}: peak growth 100k → 1M | | | | {g:+.1%} | |")
         out.append("")
     pt = rows("powertools.csv")
     if pt:
@@ -222,6 +255,7 @@ def tables():
         for r in pt:
             out.append(f"| {r['impl']} | {r['kind']} | {r['messages']} | {float(r['msg_per_s']):,.0f} |")
         out.append("")
+    out.extend(targets(st, br))
     with open(os.path.join(src, "tables.md"), "w") as f:
         f.write("\n".join(out))
     print("wrote", os.path.join(src, "tables.md"))
