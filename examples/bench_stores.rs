@@ -725,23 +725,40 @@ async fn main() -> BoxResult<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         if quick { "quick" } else { "full" }
     );
+    let mut failed = Vec::new();
     for name in &stores {
-        let store = open(name).await?;
-        if !args.iter().any(|a| a == "--no-matrix") {
-            matrix(&store, &plan, &mut csv).await?;
+        // A store that fails is reported and the others still run.
+        if let Err(e) = one_store(name, &args, &plan, &mut csv).await {
+            eprintln!("{name}: {e}");
+            failed.push(name.as_str());
         }
-        if !args.iter().any(|a| a == "--no-sweep") && matches!(name.as_str(), "postgres" | "memory")
-        {
-            sweep(&store, &plan, &mut csv).await?;
+    }
+    if !failed.is_empty() {
+        return Err(format!("failed: {}", failed.join(", ")).into());
+    }
+    Ok(())
+}
+
+/// The matrix, and the sweep or the serial row where they apply, on one store.
+async fn one_store(name: &str, args: &[String], plan: &Plan, csv: &mut Csv) -> BoxResult<()> {
+    let store = open(name).await?;
+    let result = async {
+        if !args.iter().any(|a| a == "--no-matrix") {
+            matrix(&store, plan, csv).await?;
+        }
+        if !args.iter().any(|a| a == "--no-sweep") && matches!(name, "postgres" | "memory") {
+            sweep(&store, plan, csv).await?;
         }
         if name == "redis" {
             // Serial, as the Python peer runs (benches/powertools/).
             let n = plan.single_n / 2;
-            point(&store, "peer", Mode::Single, 1, 1, n, plan.rounds, &mut csv).await?;
+            point(&store, "peer", Mode::Single, 1, 1, n, plan.rounds, csv).await?;
         }
-        close(&store).await?;
+        Ok::<_, Box<dyn Error>>(())
     }
-    Ok(())
+    .await;
+    close(&store).await?;
+    result
 }
 
 #[allow(clippy::too_many_arguments)]

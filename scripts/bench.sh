@@ -52,7 +52,7 @@ PY=target/bench-venv/bin/python
 cat "$OUT/machine.txt"
 
 say "store matrix and sweep (bench_stores)"
-BENCH_CSV="$OUT/stores.csv" "$BIN/bench_stores" "${QUICK[@]}" | tee "$OUT/stores.txt"
+BENCH_CSV="$OUT/stores.csv" "$BIN/bench_stores" "${QUICK[@]}" 2>&1 | tee "$OUT/stores.txt" || say "bench_stores: a store failed (see above); going on"
 
 say "Powertools (Python) on Redis, serial"
 if [ "$MODE" = quick ]; then PT_N=2000; else PT_N=10000; fi
@@ -72,7 +72,7 @@ say "soak: 1,000,000 messages, TTL purge on, memory store"
 BENCH_CSV="$OUT/soak.csv" "$BIN/bench_soak" --store memory --messages 1000000 | tee "$OUT/soak.txt"
 if [ "$MODE" = full ]; then
   say "soak: 1,000,000 messages, TTL purge on, PostgreSQL"
-  BENCH_CSV="$OUT/soak.csv" "$BIN/bench_soak" --store postgres --messages 1000000 | tee -a "$OUT/soak.txt"
+  BENCH_CSV="$OUT/soak.csv" "$BIN/bench_soak" --store postgres --messages 1000000 | tee -a "$OUT/soak.txt" || say "PostgreSQL soak failed or was not flat (see above)"
 fi
 echo "load at end: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/machine.txt"
 
