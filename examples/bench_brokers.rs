@@ -28,7 +28,7 @@ use idem::source::rabbitmq::RabbitMq;
 use idem::source::redis_streams::RedisStreams;
 use idem::store::postgres::PostgresStore;
 use idem::store::sqlite::SqliteStore;
-use idem::{CancellationToken, DedupStore, Runtime, Source, Tx, idempotent};
+use idem::{CancellationToken, DedupStore, Runtime, Source, Subscription, Tx, idempotent};
 use producers::{Outgoing, Producer};
 use serde::Deserialize;
 use sqlx::{AssertSqlSafe, Executor};
@@ -75,6 +75,26 @@ async fn bench_postgres(o: Order, tx: &mut Tx<'_>) -> Result<(), DbError> {
         .await?;
     Ok(())
 }
+
+/// The batch handler: the new messages of a fetched batch (up to
+/// [`BATCH`]) in one multi-row insert, one commit with their dedup rows.
+#[idempotent(
+    topic = "idem-bench",
+    key = "order_id",
+    store = "postgres",
+    name = "bench-postgres-batch"
+)]
+async fn bench_postgres_batch(orders: Vec<Order>, tx: &mut Tx<'_>) -> Result<(), DbError> {
+    let mut q = sqlx::QueryBuilder::new("INSERT INTO bench_effects (order_id, amount) ");
+    q.push_values(&orders, |mut row, o| {
+        row.push_bind(&o.order_id).push_bind(o.amount);
+    });
+    q.build().execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Batch size of the batch handler and of the hand-written loop's batches.
+const BATCH: usize = 64;
 
 type BoxResult<T> = std::result::Result<T, Box<dyn Error>>;
 
@@ -132,6 +152,68 @@ async fn drop_schema(store: &PostgresStore, schema: &str) -> BoxResult<()> {
     Ok(())
 }
 
+fn orders(n: usize) -> Vec<Outgoing> {
+    (0..n)
+        .map(|i| Outgoing {
+            id: format!("m-{i}"),
+            payload: serde_json::json!({ "order_id": format!("order-{i:07}"), "amount": i })
+                .to_string()
+                .into_bytes(),
+        })
+        .collect()
+}
+
+/// The broker's own limit as a consumer sees it: a hand-written
+/// consume-and-ack loop, no store, over the same backlog: fetch up to
+/// `batch`, decode each payload as the handler would, then ack: one call for
+/// the batch (`batch` mode) or one ack per message, all at once (`single`
+/// mode: what `ack = "auto"` with `concurrency(16)` sends).
+/// It goes through idem's adapter for the broker ([`Subscription`]), the
+/// same client calls idem's consumer makes, without dedup or a handler.
+async fn hand_loop<S: Source, P: Producer>(
+    source: S,
+    producer: &P,
+    n: usize,
+    batch: usize,
+    one_by_one: bool,
+) -> BoxResult<Duration> {
+    producer.reset(TOPIC).await?;
+    let sub = source
+        .subscribe(SubscribeSpec {
+            topic: TOPIC,
+            group: "bench-hand",
+            dead_letter: None,
+            prefetch: batch,
+        })
+        .await?;
+    producer.publish(TOPIC, &orders(n)).await?;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(600);
+    let mut settled = 0;
+    while settled < n && Instant::now() < deadline {
+        let deliveries = sub.fetch(batch).await?;
+        for d in &deliveries {
+            let _: Order = serde_json::from_slice(&d.payload)?;
+        }
+        if one_by_one {
+            for r in futures_util::future::join_all(deliveries.iter().map(|d| sub.ack(d))).await {
+                r?;
+            }
+        } else {
+            let refs: Vec<&idem::Delivery> = deliveries.iter().collect();
+            sub.ack_many(&refs).await?;
+        }
+        settled += deliveries.len();
+    }
+    let elapsed = started.elapsed();
+    drop(sub);
+    producer.reset(TOPIC).await?;
+    if settled < n {
+        return Err(format!("hand loop: {settled} of {n} in {elapsed:?}").into());
+    }
+    Ok(elapsed)
+}
+
 /// One timed run; returns (elapsed, messages/s).
 async fn measure<S: Source, P: Producer, D: DedupStore<M>, M>(
     source: S,
@@ -139,6 +221,7 @@ async fn measure<S: Source, P: Producer, D: DedupStore<M>, M>(
     store: D,
     handler: &'static str,
     n: usize,
+    concurrency: usize,
 ) -> BoxResult<Duration> {
     producer.reset(TOPIC).await?;
     drop(
@@ -147,23 +230,15 @@ async fn measure<S: Source, P: Producer, D: DedupStore<M>, M>(
                 topic: TOPIC,
                 group: handler,
                 dead_letter: None,
-                prefetch: CONCURRENCY,
+                prefetch: concurrency,
             })
             .await?,
     );
-    let messages: Vec<Outgoing> = (0..n)
-        .map(|i| Outgoing {
-            id: format!("m-{i}"),
-            payload: serde_json::json!({ "order_id": format!("order-{i:07}"), "amount": i })
-                .to_string()
-                .into_bytes(),
-        })
-        .collect();
-    producer.publish(TOPIC, &messages).await?;
+    producer.publish(TOPIC, &orders(n)).await?;
     let runtime = Runtime::builder(source)
         .store(store)
         .handlers([handler])
-        .concurrency(CONCURRENCY)
+        .concurrency(concurrency)
         .build()?;
     let stop = CancellationToken::new();
     let started = Instant::now();
@@ -202,11 +277,19 @@ async fn bench<S: Source, P: Producer>(
 ) -> BoxResult<()> {
     let db = std::env::temp_dir().join(format!("idem-bench-{}.db", std::process::id()));
     let store = sqlite(&db).await?;
-    let t = measure(source()?, producer, store.clone(), "bench-sqlite", n).await?;
+    let t = measure(
+        source()?,
+        producer,
+        store.clone(),
+        "bench-sqlite",
+        n,
+        CONCURRENCY,
+    )
+    .await?;
     let rows: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT order_id) FROM bench_effects")
         .fetch_one(store.pool())
         .await?;
-    report(broker, "SQLite", n, t, rows);
+    report(broker, "SQLite", "single", n, t, rows);
     drop(store);
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
@@ -214,22 +297,64 @@ async fn bench<S: Source, P: Producer>(
 
     let schema = format!("idem_bench_{}", std::process::id());
     let store = postgres(&schema).await?;
-    let t = measure(source()?, producer, store.clone(), "bench-postgres", n).await?;
+    let t = measure(
+        source()?,
+        producer,
+        store.clone(),
+        "bench-postgres",
+        n,
+        CONCURRENCY,
+    )
+    .await?;
     let rows: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT order_id) FROM bench_effects")
         .fetch_one(store.pool())
         .await?;
-    report(broker, "PostgreSQL", n, t, rows);
+    report(broker, "PostgreSQL", "single", n, t, rows);
+    store.pool().execute("TRUNCATE bench_effects").await?;
+    let t = measure(
+        source()?,
+        producer,
+        store.clone(),
+        "bench-postgres-batch",
+        n,
+        BATCH,
+    )
+    .await?;
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT order_id) FROM bench_effects")
+        .fetch_one(store.pool())
+        .await?;
+    report(broker, "PostgreSQL", "batch", n, t, rows);
     drop_schema(&store, &schema).await?;
+    for (mode, batch) in [("single", CONCURRENCY), ("batch", BATCH)] {
+        let t = hand_loop(source()?, producer, n, batch, mode == "single").await?;
+        report(broker, "none", &format!("hand {mode}"), n, t, n as i64);
+    }
     Ok(())
 }
 
-fn report(broker: &str, store: &str, n: usize, t: Duration, rows: i64) {
+fn report(broker: &str, store: &str, mode: &str, n: usize, t: Duration, rows: i64) {
     let ok = if rows == n as i64 { "ok" } else { "WRONG" };
+    let rate = n as f64 / t.as_secs_f64();
     println!(
-        "{broker:<15} {store:<11} {n:>7} msgs {:>8.2} s {:>8.0} msgs/s   effects {rows} ({ok})",
+        "{broker:<15} {store:<11} {mode:<13} {n:>7} msgs {:>8.2} s {rate:>8.0} msgs/s   effects {rows} ({ok})",
         t.as_secs_f64(),
-        n as f64 / t.as_secs_f64()
     );
+    // `$BENCH_CSV` (scripts/bench.sh): one row per measurement.
+    if let Ok(path) = std::env::var("BENCH_CSV") {
+        use std::io::Write;
+        let new = std::fs::metadata(&path).map_or(true, |m| m.len() == 0);
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            if new {
+                let _ = writeln!(f, "broker,store,mode,impl,messages,msg_per_s");
+            }
+            let (imp, mode) = mode.split_once(' ').unwrap_or(("idem", mode));
+            let _ = writeln!(f, "{broker},{store},{mode},{imp},{n},{rate:.0}");
+        }
+    }
 }
 
 #[tokio::main]
@@ -253,7 +378,7 @@ async fn main() -> BoxResult<()> {
         brokers = ["redis", "nats", "rabbitmq"].map(String::from).to_vec();
     }
     println!(
-        "idem end to end, ack = auto, concurrency {CONCURRENCY}, {} CPUs",
+        "idem end to end: single (ack = auto, concurrency {CONCURRENCY}), batch (batch handler, {BATCH}); hand loop: fetch, decode, ack, no store; {} CPUs",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     for b in &brokers {
