@@ -15,6 +15,12 @@
 //! Brokers: `redis`, `nats`, `rabbitmq` (default: all three), and `kafka`
 //! when built with `--features kafka`. URLs come from `REDIS_URL`,
 //! `NATS_URL`, `AMQP_URL`, `KAFKA_BROKERS` and `DATABASE_URL`.
+//!
+//! Kafka also runs the PostgreSQL handler with `ack = "batch"`
+//! (`concurrency(64)`: batches of up to 64), and `kafka-raw` is the broker's
+//! own limit on the same machine: a hand-written rdkafka loop in a consumer
+//! group that reads the backlog and commits the consumed offsets
+//! asynchronously every 64 messages (no store, no handler).
 
 #[path = "support/producers.rs"]
 mod producers;
@@ -76,6 +82,17 @@ async fn bench_postgres(o: Order, tx: &mut Tx<'_>) -> Result<(), DbError> {
     Ok(())
 }
 
+#[idempotent(
+    topic = "idem-bench",
+    key = "order_id",
+    store = "postgres",
+    name = "bench-postgres-batch",
+    ack = "batch"
+)]
+async fn bench_postgres_batch(o: Order, tx: &mut Tx<'_>) -> Result<(), DbError> {
+    bench_postgres(o, tx).await
+}
+
 type BoxResult<T> = std::result::Result<T, Box<dyn Error>>;
 
 fn env(var: &str, default: &str) -> String {
@@ -132,13 +149,25 @@ async fn drop_schema(store: &PostgresStore, schema: &str) -> BoxResult<()> {
     Ok(())
 }
 
-/// One timed run; returns (elapsed, messages/s).
+/// One timed run with `concurrency(CONCURRENCY)`; returns the elapsed time.
 async fn measure<S: Source, P: Producer, D: DedupStore<M>, M>(
     source: S,
     producer: &P,
     store: D,
     handler: &'static str,
     n: usize,
+) -> BoxResult<Duration> {
+    measure_at(source, producer, store, handler, n, CONCURRENCY).await
+}
+
+/// One timed run with `concurrency` messages (or batch members) in flight.
+async fn measure_at<S: Source, P: Producer, D: DedupStore<M>, M>(
+    source: S,
+    producer: &P,
+    store: D,
+    handler: &'static str,
+    n: usize,
+    concurrency: usize,
 ) -> BoxResult<Duration> {
     producer.reset(TOPIC).await?;
     drop(
@@ -147,7 +176,7 @@ async fn measure<S: Source, P: Producer, D: DedupStore<M>, M>(
                 topic: TOPIC,
                 group: handler,
                 dead_letter: None,
-                prefetch: CONCURRENCY,
+                prefetch: concurrency,
             })
             .await?,
     );
@@ -163,7 +192,7 @@ async fn measure<S: Source, P: Producer, D: DedupStore<M>, M>(
     let runtime = Runtime::builder(source)
         .store(store)
         .handlers([handler])
-        .concurrency(CONCURRENCY)
+        .concurrency(concurrency)
         .build()?;
     let stop = CancellationToken::new();
     let started = Instant::now();
@@ -296,14 +325,120 @@ async fn main() -> BoxResult<()> {
                     n,
                 )
                 .await?;
+                kafka_bench::batch(&brokers, &producer, n).await?;
+            }
+            #[cfg(feature = "kafka")]
+            "kafka-raw" => {
+                let brokers = env("KAFKA_BROKERS", "127.0.0.1:9092");
+                let producer = producers::KafkaProducer::connect(&brokers)?;
+                kafka_bench::raw(&brokers, &producer, n).await?;
             }
             other => {
                 return Err(format!(
-                    "unknown broker {other:?}: redis, nats, rabbitmq or kafka (with --features kafka)"
+                    "unknown broker {other:?}: redis, nats, rabbitmq, kafka or kafka-raw (with --features kafka)"
                 )
                 .into());
             }
         }
     }
     Ok(())
+}
+
+/// Kafka's extra runs: `ack = "batch"` into PostgreSQL, and the hand-written
+/// consume-and-commit loop that is the broker's own limit.
+#[cfg(feature = "kafka")]
+mod kafka_bench {
+    use super::*;
+    use idem::source::kafka::rdkafka::config::ClientConfig;
+    use idem::source::kafka::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use idem::source::kafka::rdkafka::message::Message;
+
+    /// The batch size of both the batch handler and the raw loop.
+    const BATCH: usize = 64;
+
+    fn orders(n: usize) -> Vec<Outgoing> {
+        (0..n)
+            .map(|i| Outgoing {
+                id: format!("m-{i}"),
+                payload: serde_json::json!({ "order_id": format!("order-{i:07}"), "amount": i })
+                    .to_string()
+                    .into_bytes(),
+            })
+            .collect()
+    }
+
+    /// `ack = "batch"`, batches of up to 64, into PostgreSQL.
+    pub(crate) async fn batch(brokers: &str, producer: &impl Producer, n: usize) -> BoxResult<()> {
+        let schema = format!("idem_bench_batch_{}", std::process::id());
+        let store = postgres(&schema).await?;
+        let source = idem::source::kafka::Kafka::new(brokers)?;
+        let t = measure_at(
+            source,
+            producer,
+            store.clone(),
+            "bench-postgres-batch",
+            n,
+            BATCH,
+        )
+        .await?;
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT order_id) FROM bench_effects")
+            .fetch_one(store.pool())
+            .await?;
+        report("Kafka batch 64", "PostgreSQL", n, t, rows);
+        drop_schema(&store, &schema).await?;
+        Ok(())
+    }
+
+    /// A hand-written rdkafka loop: one consumer in a fresh group reads the
+    /// backlog (timed from the subscription, as idem is), committing the
+    /// consumed offsets asynchronously every 64 messages and synchronously
+    /// at the end.
+    pub(crate) async fn raw(brokers: &str, producer: &impl Producer, n: usize) -> BoxResult<()> {
+        producer.reset(TOPIC).await?;
+        producer.publish(TOPIC, &orders(n)).await?;
+        let group = format!("bench-raw-{}", std::process::id());
+        let brokers = brokers.to_owned();
+        let (t, bytes) = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", &group)
+                .set("enable.auto.commit", "false")
+                .set("auto.offset.reset", "earliest")
+                .create()
+                .map_err(|e| e.to_string())?;
+            let started = Instant::now();
+            c.subscribe(&[TOPIC]).map_err(|e| e.to_string())?;
+            let (mut seen, mut bytes) = (0usize, 0usize);
+            while seen < n {
+                if started.elapsed() > Duration::from_secs(600) {
+                    return Err(format!("gave up after 600 s: {seen} of {n}"));
+                }
+                match c.poll(Duration::from_millis(100)) {
+                    Some(Ok(m)) => {
+                        seen += 1;
+                        bytes += m.payload().map_or(0, <[u8]>::len);
+                        if seen.is_multiple_of(BATCH) {
+                            c.commit_consumer_state(CommitMode::Async)
+                                .map_err(|e| e.to_string())?;
+                        }
+                    }
+                    Some(Err(e)) => return Err(e.to_string()),
+                    None => {}
+                }
+            }
+            c.commit_consumer_state(CommitMode::Sync)
+                .map_err(|e| e.to_string())?;
+            Ok((started.elapsed(), bytes))
+        })
+        .await??;
+        println!(
+            "{:<15} {:<11} {n:>7} msgs {:>8.2} s {:>8.0} msgs/s   ({bytes} payload bytes)",
+            "Kafka raw loop",
+            "-",
+            t.as_secs_f64(),
+            n as f64 / t.as_secs_f64()
+        );
+        producer.reset(TOPIC).await?;
+        Ok(())
+    }
 }
