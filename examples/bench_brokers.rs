@@ -327,6 +327,18 @@ async fn main() -> BoxResult<()> {
                 .await?;
                 kafka_bench::batch(&brokers, &producer, n).await?;
             }
+            // One run each (tansu 0.6 sometimes hangs a group's join after
+            // an earlier run in the same process: a fresh broker per run).
+            #[cfg(feature = "kafka")]
+            "kafka-postgres" | "kafka-batch" => {
+                let brokers = env("KAFKA_BROKERS", "127.0.0.1:9092");
+                let producer = producers::KafkaProducer::connect(&brokers)?;
+                if b == "kafka-batch" {
+                    kafka_bench::batch(&brokers, &producer, n).await?;
+                } else {
+                    kafka_bench::auto(&brokers, &producer, n).await?;
+                }
+            }
             #[cfg(feature = "kafka")]
             "kafka-raw" => {
                 let brokers = env("KAFKA_BROKERS", "127.0.0.1:9092");
@@ -335,7 +347,7 @@ async fn main() -> BoxResult<()> {
             }
             other => {
                 return Err(format!(
-                    "unknown broker {other:?}: redis, nats, rabbitmq, kafka or kafka-raw (with --features kafka)"
+                    "unknown broker {other:?}: redis, nats, rabbitmq, kafka, kafka-postgres, kafka-batch or kafka-raw (with --features kafka)"
                 )
                 .into());
             }
@@ -365,6 +377,20 @@ mod kafka_bench {
                     .into_bytes(),
             })
             .collect()
+    }
+
+    /// `ack = "auto"`, 16 in flight, into PostgreSQL.
+    pub(crate) async fn auto(brokers: &str, producer: &impl Producer, n: usize) -> BoxResult<()> {
+        let schema = format!("idem_bench_auto_{}", std::process::id());
+        let store = postgres(&schema).await?;
+        let source = idem::source::kafka::Kafka::new(brokers)?;
+        let t = measure(source, producer, store.clone(), "bench-postgres", n).await?;
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT order_id) FROM bench_effects")
+            .fetch_one(store.pool())
+            .await?;
+        report("Kafka", "PostgreSQL", n, t, rows);
+        drop_schema(&store, &schema).await?;
+        Ok(())
     }
 
     /// `ack = "batch"`, batches of up to 64, into PostgreSQL.
