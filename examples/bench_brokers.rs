@@ -15,6 +15,12 @@
 //! Brokers: `redis`, `nats`, `rabbitmq` (default: all three), and `kafka`
 //! when built with `--features kafka`. URLs come from `REDIS_URL`,
 //! `NATS_URL`, `AMQP_URL`, `KAFKA_BROKERS` and `DATABASE_URL`.
+//!
+//! Kafka also runs the PostgreSQL handler with `ack = "batch"`
+//! (`concurrency(64)`: batches of up to 64), and `kafka-raw` is the broker's
+//! own limit on the same machine: a hand-written rdkafka loop in a consumer
+//! group that reads the backlog and commits the consumed offsets
+//! asynchronously every 64 messages (no store, no handler).
 
 #[path = "support/producers.rs"]
 mod producers;
@@ -422,13 +428,146 @@ async fn main() -> BoxResult<()> {
                 )
                 .await?;
             }
+            // One run each (tansu 0.6 sometimes hangs a group's join after
+            // an earlier run in the same process: a fresh broker per run).
+            #[cfg(feature = "kafka")]
+            "kafka-postgres" | "kafka-batch" => {
+                let brokers = env("KAFKA_BROKERS", "127.0.0.1:9092");
+                let producer = producers::KafkaProducer::connect(&brokers)?;
+                if b == "kafka-batch" {
+                    kafka_bench::batch(&brokers, &producer, n).await?;
+                } else {
+                    kafka_bench::auto(&brokers, &producer, n).await?;
+                }
+            }
+            #[cfg(feature = "kafka")]
+            "kafka-raw" => {
+                let brokers = env("KAFKA_BROKERS", "127.0.0.1:9092");
+                let producer = producers::KafkaProducer::connect(&brokers)?;
+                kafka_bench::raw(&brokers, &producer, n).await?;
+            }
             other => {
                 return Err(format!(
-                    "unknown broker {other:?}: redis, nats, rabbitmq or kafka (with --features kafka)"
+                    "unknown broker {other:?}: redis, nats, rabbitmq, kafka, kafka-postgres, kafka-batch or kafka-raw (with --features kafka)"
                 )
                 .into());
             }
         }
     }
     Ok(())
+}
+
+/// Kafka's extra runs: `ack = "batch"` into PostgreSQL, and the hand-written
+/// consume-and-commit loop that is the broker's own limit.
+#[cfg(feature = "kafka")]
+mod kafka_bench {
+    use super::*;
+    use idem::source::kafka::rdkafka::config::ClientConfig;
+    use idem::source::kafka::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use idem::source::kafka::rdkafka::message::Message;
+
+    /// The source of the single runs: tansu 0.6 does not let a group's
+    /// next member in before the one that left (the bench subscribes once to
+    /// create the topics) times out, so the session timeout is Kafka's
+    /// minimum (6 s; the join is inside the timed run).
+    fn source(brokers: &str) -> BoxResult<idem::source::kafka::Kafka> {
+        Ok(idem::source::kafka::Kafka::new(brokers)?
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500"))
+    }
+
+    /// `ack = "auto"`, 16 in flight, into PostgreSQL.
+    pub(crate) async fn auto(brokers: &str, producer: &impl Producer, n: usize) -> BoxResult<()> {
+        let schema = format!("idem_bench_auto_{}", std::process::id());
+        let store = postgres(&schema).await?;
+        let t = measure(
+            source(brokers)?,
+            producer,
+            store.clone(),
+            "bench-postgres",
+            n,
+            CONCURRENCY,
+        )
+        .await?;
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT order_id) FROM bench_effects")
+            .fetch_one(store.pool())
+            .await?;
+        report("Kafka", "PostgreSQL", "single", n, t, rows);
+        drop_schema(&store, &schema).await?;
+        Ok(())
+    }
+
+    /// `ack = "batch"`, batches of up to 64, into PostgreSQL.
+    pub(crate) async fn batch(brokers: &str, producer: &impl Producer, n: usize) -> BoxResult<()> {
+        let schema = format!("idem_bench_batch_{}", std::process::id());
+        let store = postgres(&schema).await?;
+        let t = measure(
+            source(brokers)?,
+            producer,
+            store.clone(),
+            "bench-postgres-batch",
+            n,
+            BATCH,
+        )
+        .await?;
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT order_id) FROM bench_effects")
+            .fetch_one(store.pool())
+            .await?;
+        report("Kafka", "PostgreSQL", "batch", n, t, rows);
+        drop_schema(&store, &schema).await?;
+        Ok(())
+    }
+
+    /// A hand-written rdkafka loop: one consumer in a fresh group reads the
+    /// backlog (timed from the subscription, as idem is), committing the
+    /// consumed offsets asynchronously every 64 messages and synchronously
+    /// at the end.
+    pub(crate) async fn raw(brokers: &str, producer: &impl Producer, n: usize) -> BoxResult<()> {
+        producer.reset(TOPIC).await?;
+        producer.publish(TOPIC, &orders(n)).await?;
+        let group = format!("bench-raw-{}", std::process::id());
+        let brokers = brokers.to_owned();
+        let (t, bytes) = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", &group)
+                .set("enable.auto.commit", "false")
+                .set("auto.offset.reset", "earliest")
+                .create()
+                .map_err(|e| e.to_string())?;
+            let started = Instant::now();
+            c.subscribe(&[TOPIC]).map_err(|e| e.to_string())?;
+            let (mut seen, mut bytes) = (0usize, 0usize);
+            while seen < n {
+                if started.elapsed() > Duration::from_secs(600) {
+                    return Err(format!("gave up after 600 s: {seen} of {n}"));
+                }
+                match c.poll(Duration::from_millis(100)) {
+                    Some(Ok(m)) => {
+                        seen += 1;
+                        bytes += m.payload().map_or(0, <[u8]>::len);
+                        if seen.is_multiple_of(BATCH) {
+                            c.commit_consumer_state(CommitMode::Async)
+                                .map_err(|e| e.to_string())?;
+                        }
+                    }
+                    Some(Err(e)) => return Err(e.to_string()),
+                    None => {}
+                }
+            }
+            c.commit_consumer_state(CommitMode::Sync)
+                .map_err(|e| e.to_string())?;
+            Ok((started.elapsed(), bytes))
+        })
+        .await??;
+        println!(
+            "{:<15} {:<11} {n:>7} msgs {:>8.2} s {:>8.0} msgs/s   ({bytes} payload bytes)",
+            "Kafka raw loop",
+            "-",
+            t.as_secs_f64(),
+            n as f64 / t.as_secs_f64()
+        );
+        producer.reset(TOPIC).await?;
+        Ok(())
+    }
 }

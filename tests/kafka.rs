@@ -728,3 +728,55 @@ async fn broker_resumes_a_group_at_its_committed_offset() {
     eprintln!("produced {produced:?}");
     b.cleanup(&topic).await;
 }
+
+/// A consumer slower than the broker, with a buffer of 8: the poll thread
+/// waits for room instead of pausing and resuming the partitions (a resume
+/// fetches again from the consumed position, which tansu answers from the
+/// next record batch), hands records over in chunks, and the coalesced
+/// asynchronous commits plus the last synchronous one reach the end of every
+/// partition without passing an unfinished offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_consumer_slower_than_the_broker_loses_nothing_and_commits_to_the_end() {
+    let b = KafkaBroker::shared().await;
+    let probe = brokers::Probe::new();
+    let topic = probe.name("bk-slow");
+    let group = probe.name("bk-slow-group");
+    let n = 300;
+    b.publish(&topic, &brokers::orders(300)).await;
+    let sub = b
+        .kafka()
+        .max_buffered(8)
+        .subscribe(SubscribeSpec {
+            topic: &topic,
+            group: &group,
+            dead_letter: None,
+            prefetch: 8,
+        })
+        .await
+        .expect("subscribe");
+    let mut seen = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while seen.len() < n && tokio::time::Instant::now() < deadline {
+        let batch = sub.fetch(5).await.expect("fetch");
+        assert!(batch.len() <= 5, "fetch(5) returned {}", batch.len());
+        for d in &batch {
+            assert!(seen.insert(d.id.clone()), "{} handed out twice", d.id);
+            let (topic, partition, offset) = position(d);
+            b.audit.push(Event::Finished {
+                topic,
+                partition,
+                offset,
+            });
+        }
+        let refs: Vec<&Delivery> = batch.iter().collect();
+        sub.ack_many(&refs).await.expect("ack");
+        // Slower than the broker: the buffer stays full.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(seen.len(), n, "every record handed out once");
+    drop(sub);
+    b.settled(&topic, &group)
+        .await
+        .unwrap_or_else(|e| panic!("{e}{}", b.audit.summary(&topic)));
+    b.cleanup(&topic).await;
+}

@@ -11,13 +11,13 @@
 //! | operation | Kafka |
 //! |---|---|
 //! | subscribe | a consumer in group `<handler name>` on the topic, polled by a thread of its own; the dead-letter topic is created (as many partitions as the topic) when missing |
-//! | fetch | messages the poll thread received (`max_buffered` at most: past it the partitions are paused, polling goes on), and nacked messages that are due again |
+//! | fetch | messages the poll thread received, handed over in chunks (up to `max_buffered` wait; at that bound the poll thread takes no more until `fetch` makes room and only keeps serving the group's events, pausing the partitions if a stalled consumer lets twice the bound pile up), and nacked messages that are due again |
 //! | message id | `topic/partition/offset`; record headers are headers; the record key is the ordering key |
 //! | ack | marks the offset finished; the partition's commit point is its lowest unfinished offset (see below) |
-//! | ack_many (`ack = "batch"`, `"manual"`) | marks them finished and commits at once |
+//! | ack_many (`ack = "batch"`, `"manual"`) | marks them finished and asks for a commit soon (coalesced with the one in flight) |
 //! | nack(delay) | the message stays unfinished (the commit point stays behind it) and is handed out again from this process after `delay`, attempt + 1: Kafka has no per-message redelivery |
 //! | dead letter | produced to `<topic>.dlq` (or the handler's `dead_letter`) with the same key, payload and headers plus `idem-dead-letter-reason`, `idem-attempts`, `idem-handler`, `idem-original-id`, `idem-original-topic`, `idem-original-partition`, `idem-original-offset`; once the broker confirmed it (`acks=all`) the offset is finished |
-//! | commit | synchronous, from the poll thread (never on the async runtime): at most one in flight; when [`commit_interval`](Kafka::commit_interval) passed or [`commit_every`](Kafka::commit_every) messages finished since the last one; at once after `ack_many`; on partition revoke and on shutdown |
+//! | commit | asynchronous, from the poll thread (never on the async runtime), at most one in flight (acks meanwhile join the next): when [`commit_interval`](Kafka::commit_interval) passed or [`commit_every`](Kafka::commit_every) messages finished since the last one, or after `ack_many`; synchronous on partition revoke and on shutdown |
 //! | rebalance (revoke) | the partitions' queued and nacked messages are dropped, in-flight ones get [`revoke_timeout`](Kafka::revoke_timeout) to finish, their commit point is committed, then they are released; an ack that arrives later is ignored (the new owner gets the message again and the store finds it done) |
 //!
 //! The committed offset of a partition is the per-partition watermark: the
@@ -32,7 +32,7 @@ mod watermark;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -366,7 +366,30 @@ struct State {
     retries: Vec<(Instant, Delivery)>,
     flush: bool,
     stop: bool,
+    /// The partitions are paused (a stalled consumer let the queue grow to
+    /// twice `max_buffered`); newly assigned ones are paused too.
+    paused: bool,
+    /// The poll thread waits for `fetch` to make room.
+    poll_waiting: bool,
+    /// Revoke handlers waiting for in-flight messages to settle.
+    revoking: usize,
+    /// When the asynchronous commit in flight was sent.
+    commit_pending: Option<Instant>,
 }
+
+impl State {
+    fn waiting(&self) -> usize {
+        self.queue.len() + self.retries.len()
+    }
+}
+
+/// Records the poll thread takes from librdkafka before it hands them over
+/// (one lock, one wake-up) at most.
+const CHUNK: usize = 256;
+
+/// An asynchronous commit whose result has not come back in this long no
+/// longer holds the next one back.
+const COMMIT_PENDING_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Shared {
     topic: Arc<str>,
@@ -376,8 +399,13 @@ struct Shared {
     state: Mutex<State>,
     /// Wakes the revoke handler when in-flight messages settle.
     settled: Condvar,
+    /// Wakes the poll thread when `fetch` made room.
+    room: Condvar,
     /// Wakes `fetch` when messages arrive.
     arrived: Notify,
+    /// Counts assignments and revokes (the poll thread refreshes its copy of
+    /// the partitions' epochs when it moves).
+    rebalances: AtomicU64,
 }
 
 /// The receipt of a delivery: partition and epoch in one number, and the offset.
@@ -407,8 +435,11 @@ impl Shared {
         if finish {
             part.watermark.finish(offset);
         }
+        let revoking = st.revoking > 0;
         drop(st);
-        self.settled.notify_all();
+        if revoking {
+            self.settled.notify_all();
+        }
         Some(())
     }
 
@@ -432,10 +463,21 @@ impl Shared {
 
     /// Offsets due for a commit, as (partition, offset); with `force`, every
     /// partition whose watermark moved.
+    /// Without `force`, nothing while an asynchronous commit is in flight:
+    /// what finished meanwhile joins the next one.
     fn due_commits(&self, force: bool, only: Option<&[i32]>) -> Vec<(i32, i64)> {
         let mut st = lock(&self.state);
-        let flush = std::mem::take(&mut st.flush);
         let now = Instant::now();
+        if !force
+            && st
+                .commit_pending
+                .is_some_and(|sent| now.duration_since(sent) < COMMIT_PENDING_TIMEOUT)
+        {
+            return Vec::new();
+        }
+        // A forced (revoke, shutdown) commit leaves a pending flush for the
+        // partitions it did not cover.
+        let flush = !force && std::mem::take(&mut st.flush);
         let mut out = Vec::new();
         for (p, part) in &st.parts {
             if only.is_some_and(|o| !o.contains(p)) {
@@ -455,12 +497,15 @@ impl Shared {
         out
     }
 
-    /// Commits synchronously (on the poll thread) and records the result.
+    /// Commits from the poll thread: `Sync` waits for the broker and records
+    /// the result; `Async` only sends, and [`Shared::commit_done`] records
+    /// the result when librdkafka reports it (from a later `poll`).
     fn commit<C: ConsumerContext>(
         &self,
         consumer: &BaseConsumer<C>,
         offsets: &[(i32, i64)],
         reason: &'static str,
+        mode: CommitMode,
     ) {
         if offsets.is_empty() {
             return;
@@ -481,17 +526,25 @@ impl Shared {
                 });
             }
         }
-        match consumer.commit(&tpl, CommitMode::Sync) {
+        let sync = matches!(mode, CommitMode::Sync);
+        match consumer.commit(&tpl, mode) {
             Ok(()) => {
                 let mut st = lock(&self.state);
                 let now = Instant::now();
+                if !sync {
+                    st.commit_pending = Some(now);
+                }
                 for (p, o) in offsets {
                     if let Some(part) = st.parts.get_mut(p) {
-                        part.watermark.committed(*o);
+                        if sync {
+                            part.watermark.committed(*o);
+                        } else {
+                            part.watermark.commit_sent();
+                        }
                         part.last_commit = now;
                     }
                 }
-                tracing::debug!(topic = %self.topic, group = %self.group, ?offsets, reason, "offsets committed");
+                tracing::debug!(topic = %self.topic, group = %self.group, ?offsets, reason, sync, "offsets committed");
             }
             Err(e) => {
                 // The watermark stays ahead of `committed`: the next round retries.
@@ -500,43 +553,61 @@ impl Shared {
         }
     }
 
-    /// A received record: registered in its partition's watermark and queued.
-    fn receive(&self, m: &BorrowedMessage<'_>) {
-        let partition = m.partition();
-        let offset = m.offset();
+    /// The result of an asynchronous commit, reported by librdkafka.
+    fn commit_done(&self, result: &Result<(), KafkaError>, offsets: &TopicPartitionList) {
         let mut st = lock(&self.state);
-        let Some(part) = st.parts.get_mut(&partition) else {
-            tracing::debug!(
-                partition,
-                offset,
-                "record of a partition not assigned (any more); dropped"
-            );
-            return;
-        };
-        if !part.watermark.register(offset) {
+        st.commit_pending = None;
+        if let Err(e) = result {
+            // The watermark stays ahead of `committed`: a later round retries.
+            tracing::warn!(topic = %self.topic, group = %self.group, error = %e, "asynchronous offset commit failed; retrying on a later round (a crash now redelivers from the last commit, and the store dedups)");
             return;
         }
-        let epoch = part.epoch;
-        let mut headers = Headers::default();
-        if let Some(h) = m.headers() {
-            for Header { key, value } in h.iter() {
-                headers.insert(key, value.unwrap_or_default());
+        for e in offsets.elements_for_topic(&self.topic) {
+            if let (Offset::Offset(o), Ok(())) = (e.offset(), e.error())
+                && let Some(part) = st.parts.get_mut(&e.partition())
+            {
+                part.watermark.committed(o);
             }
         }
-        let d = Delivery {
-            id: format!("{}/{partition}/{offset}", m.topic()).into(),
-            topic: self.topic.clone(),
-            payload: m.payload().unwrap_or_default().into(),
-            headers,
-            ordering_key: m
-                .key()
-                .map(|k| Arc::<str>::from(String::from_utf8_lossy(k))),
-            attempt: 1,
-            receipt: receipt(partition, epoch, offset),
-        };
-        st.queue.push_back(d);
+    }
+
+    /// Hands over the records the poll thread received: each is registered
+    /// in its partition's watermark and queued, under one lock, unless its
+    /// partition was revoked (or assigned again) since it was received.
+    fn hand_over(&self, chunk: &mut Vec<(u32, Delivery)>) {
+        if chunk.is_empty() {
+            return;
+        }
+        let mut st = lock(&self.state);
+        let mut queued = false;
+        for (epoch, d) in chunk.drain(..) {
+            let Some((partition, _, offset)) = parse_receipt(&d.receipt) else {
+                continue;
+            };
+            let Some(part) = st.parts.get_mut(&partition).filter(|p| p.epoch == epoch) else {
+                tracing::debug!(
+                    partition,
+                    offset,
+                    "record of a partition not assigned (any more); dropped"
+                );
+                continue;
+            };
+            if part.watermark.register(offset) {
+                st.queue.push_back(d);
+                queued = true;
+            }
+        }
         drop(st);
-        self.arrived.notify_one();
+        if queued {
+            self.arrived.notify_one();
+        }
+    }
+
+    /// The partitions' epochs as the poll thread stamps records with them.
+    fn epochs(&self, into: &mut HashMap<i32, u32>) {
+        let st = lock(&self.state);
+        into.clear();
+        into.extend(st.parts.iter().map(|(p, part)| (*p, part.epoch)));
     }
 
     fn assign(&self, partitions: &[i32]) {
@@ -558,6 +629,8 @@ impl Shared {
                 },
             );
         }
+        drop(st);
+        self.rebalances.fetch_add(1, Ordering::SeqCst);
         tracing::info!(topic = %self.topic, group = %self.group, ?partitions, "partitions assigned");
     }
 
@@ -565,7 +638,9 @@ impl Shared {
     /// the timeout, commit, release.
     fn revoke<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, partitions: &[i32]) {
         let deadline = std::time::Instant::now() + self.opts.revoke_timeout;
+        self.rebalances.fetch_add(1, Ordering::SeqCst);
         let mut st = lock(&self.state);
+        st.revoking += 1;
         st.queue
             .retain(|d| parse_receipt(&d.receipt).is_none_or(|(p, _, _)| !partitions.contains(&p)));
         st.retries.retain(|(_, d)| {
@@ -591,9 +666,10 @@ impl Shared {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+        st.revoking -= 1;
         drop(st);
         let due = self.due_commits(true, Some(partitions));
-        self.commit(consumer, &due, "revoke");
+        self.commit(consumer, &due, "revoke", CommitMode::Sync);
         let mut st = lock(&self.state);
         for p in partitions {
             st.parts.remove(p);
@@ -610,6 +686,44 @@ struct Context {
 }
 
 impl ClientContext for Context {}
+
+/// Builds the delivery of a received record (outside the state's lock),
+/// stamped with its partition's epoch; `None` when the partition is not
+/// assigned (any more).
+fn delivery_of(
+    topic: &Arc<str>,
+    epochs: &HashMap<i32, u32>,
+    m: &BorrowedMessage<'_>,
+) -> Option<(u32, Delivery)> {
+    let partition = m.partition();
+    let offset = m.offset();
+    let Some(epoch) = epochs.get(&partition).copied() else {
+        tracing::debug!(
+            partition,
+            offset,
+            "record of a partition not assigned (any more); dropped"
+        );
+        return None;
+    };
+    let mut headers = Headers::default();
+    if let Some(h) = m.headers() {
+        for Header { key, value } in h.iter() {
+            headers.insert(key, value.unwrap_or_default());
+        }
+    }
+    let d = Delivery {
+        id: format!("{topic}/{partition}/{offset}").into(),
+        topic: topic.clone(),
+        payload: m.payload().unwrap_or_default().into(),
+        headers,
+        ordering_key: m
+            .key()
+            .map(|k| Arc::<str>::from(String::from_utf8_lossy(k))),
+        attempt: 1,
+        receipt: receipt(partition, epoch, offset),
+    };
+    Some((epoch, d))
+}
 
 fn partitions_of(topic: &str, tpl: &TopicPartitionList) -> Vec<i32> {
     tpl.elements()
@@ -633,10 +747,20 @@ impl ConsumerContext for Context {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             self.shared.assign(&partitions_of(&self.shared.topic, tpl));
+            // A rebalance hands partitions out unpaused.
+            if lock(&self.shared.state).paused
+                && let Err(e) = consumer.pause(tpl)
+            {
+                tracing::warn!(error = %e, "cannot pause the assigned partitions");
+            }
         }
+    }
+
+    fn commit_callback(&self, result: Result<(), KafkaError>, offsets: &TopicPartitionList) {
+        self.shared.commit_done(&result, offsets);
     }
 }
 
@@ -656,7 +780,9 @@ impl super::Source for Kafka {
             opts: self.opts.clone(),
             state: Mutex::new(State::default()),
             settled: Condvar::new(),
+            room: Condvar::new(),
             arrived: Notify::new(),
+            rebalances: AtomicU64::new(0),
         });
         let mut producer_config = self.client_config();
         producer_config
@@ -785,55 +911,110 @@ impl Kafka {
     }
 }
 
-/// The poll thread: receives records, pauses when too many wait, commits
-/// watermarks, and runs the rebalance callbacks (librdkafka calls them from
-/// `poll`). On stop: a last commit, then the consumer is closed (leaving the
-/// group, with a last revoke).
+/// The poll thread: receives records and hands them over in chunks, waits
+/// for room when `max_buffered` wait, commits watermarks (asynchronously),
+/// and runs the rebalance and commit callbacks (librdkafka calls them from
+/// `poll`). On stop: a last synchronous commit, then the consumer is closed
+/// (leaving the group, with a last revoke).
 fn poll_loop(shared: &Shared, consumer: BaseConsumer<Context>) {
-    let mut paused = false;
+    let max = shared.opts.max_buffered;
+    let mut epochs: HashMap<i32, u32> = HashMap::new();
+    let mut seen_rebalances = u64::MAX;
+    let mut chunk: Vec<(u32, Delivery)> = Vec::with_capacity(CHUNK.min(max));
     loop {
-        let (stop, waiting) = {
+        let (stop, waiting, paused) = {
             let st = lock(&shared.state);
-            (st.stop, st.queue.len() + st.retries.len())
+            (st.stop, st.waiting(), st.paused)
         };
         if stop {
             break;
         }
-        // Past `max_buffered`, stop fetching but keep polling (rebalances,
-        // heartbeats of the poll interval). Paused again on every round: a
-        // rebalance hands out partitions unpaused.
-        let full = waiting >= shared.opts.max_buffered;
-        if (full || paused)
-            && let Ok(assigned) = consumer.assignment()
-        {
-            let r = if full {
-                consumer.pause(&assigned)
-            } else {
-                consumer.resume(&assigned)
+        let room = max.saturating_sub(waiting);
+        if room == 0 {
+            // Full: wait until `fetch` makes room, then poll once without
+            // waiting, to serve the group's events (rebalances, commit
+            // results, the poll interval); a record it returns is taken
+            // over the bound. A consumer that stalls long enough to double
+            // the bound gets its partitions paused (librdkafka drops what it
+            // prefetched and fetches again on resume: kept for stalls).
+            if waiting >= max.saturating_mul(2) && !paused {
+                set_paused(shared, &consumer, true);
+            }
+            let mut st = lock(&shared.state);
+            if st.waiting() >= max && !st.stop {
+                st.poll_waiting = true;
+                st = shared
+                    .room
+                    .wait_timeout(st, shared.opts.poll_timeout)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                st.poll_waiting = false;
+            }
+            drop(st);
+        } else if paused && waiting <= max / 2 {
+            set_paused(shared, &consumer, false);
+        }
+        // The first record within `poll_timeout`, then what librdkafka
+        // already holds, up to the room there is.
+        let mut timeout = if room == 0 {
+            Duration::ZERO
+        } else {
+            shared.opts.poll_timeout
+        };
+        let want = room.clamp(1, CHUNK);
+        while chunk.len() < want {
+            let Some(r) = consumer.poll(timeout) else {
+                break;
             };
-            match r {
-                Ok(()) => paused = full,
-                Err(e) => tracing::warn!(error = %e, "cannot pause/resume the partitions"),
+            timeout = Duration::ZERO;
+            let m = match r {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(topic = %shared.topic, group = %shared.group, error = %e, "Kafka consumer error");
+                    break;
+                }
+            };
+            let now = shared.rebalances.load(Ordering::SeqCst);
+            if now != seen_rebalances {
+                shared.epochs(&mut epochs);
+                seen_rebalances = now;
             }
+            chunk.extend(delivery_of(&shared.topic, &epochs, &m));
         }
-        match consumer.poll(shared.opts.poll_timeout) {
-            Some(Ok(m)) => shared.receive(&m),
-            Some(Err(e)) => {
-                tracing::warn!(topic = %shared.topic, group = %shared.group, error = %e, "Kafka consumer error");
-            }
-            None => {}
-        }
+        shared.hand_over(&mut chunk);
         let due = shared.due_commits(false, None);
-        let reason = "watermark";
-        shared.commit(&consumer, &due, reason);
+        shared.commit(&consumer, &due, "watermark", CommitMode::Async);
     }
     let due = shared.due_commits(true, None);
-    shared.commit(&consumer, &due, "shutdown");
+    shared.commit(&consumer, &due, "shutdown", CommitMode::Sync);
     // Dropping the consumer closes it: librdkafka revokes the assignment
     // (our revoke handler commits again if anything finished meanwhile) and
     // leaves the group.
     drop(consumer);
     tracing::debug!(topic = %shared.topic, group = %shared.group, "Kafka consumer closed");
+}
+
+/// Pauses or resumes the assigned partitions (only the poll thread does).
+fn set_paused(shared: &Shared, consumer: &BaseConsumer<Context>, pause: bool) {
+    let assigned = match consumer.assignment() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the assignment to pause/resume it");
+            return;
+        }
+    };
+    let r = if pause {
+        consumer.pause(&assigned)
+    } else {
+        consumer.resume(&assigned)
+    };
+    match r {
+        Ok(()) => {
+            lock(&shared.state).paused = pause;
+            tracing::debug!(topic = %shared.topic, group = %shared.group, pause, "partitions paused/resumed");
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot pause/resume the partitions"),
+    }
 }
 
 /// One handler's consumer in its group (see the [module docs](self)).
@@ -861,6 +1042,7 @@ impl Drop for KafkaSubscription {
         // not joined here, to keep the async runtime free. `Kafka::closed`
         // waits for it.
         lock(&self.shared.state).stop = true;
+        self.shared.room.notify_one();
     }
 }
 
@@ -891,6 +1073,11 @@ impl KafkaSubscription {
                 .map(|part| part.in_flight += 1)
                 .is_some()
         });
+        let wake = st.poll_waiting && !out.is_empty();
+        drop(st);
+        if wake {
+            self.shared.room.notify_one();
+        }
         out
     }
 
@@ -936,7 +1123,8 @@ impl Subscription for KafkaSubscription {
 
     async fn ack_many(&self, deliveries: &[&Delivery]) -> Result<(), SourceError> {
         self.finish_many(deliveries);
-        // Batch and manual acks commit at once (from the poll thread).
+        // Batch and manual acks commit soon (from the poll thread, coalesced
+        // with the commit in flight).
         lock(&self.shared.state).flush = true;
         Ok(())
     }
@@ -1059,7 +1247,9 @@ mod tests {
             opts: Kafka::new("a:1").unwrap().opts,
             state: Mutex::new(State::default()),
             settled: Condvar::new(),
+            room: Condvar::new(),
             arrived: Notify::new(),
+            rebalances: AtomicU64::new(0),
         }
     }
 
@@ -1110,6 +1300,88 @@ mod tests {
         assert_eq!(commit_point(&s), Some(0));
         assert_eq!(s.due_commits(true, None), vec![(0, 0)]);
         assert_eq!(lock(&s.state).parts[&0].in_flight, 0);
+    }
+
+    /// A record of partition 0 as the poll thread stamps it.
+    fn received(s: &Shared, offset: i64) -> (u32, Delivery) {
+        let epoch = lock(&s.state).parts[&0].epoch;
+        let d = Delivery::new(format!("t/0/{offset}"), "t", b"{}".to_vec())
+            .with_receipt(receipt(0, epoch, offset));
+        (epoch, d)
+    }
+
+    #[test]
+    fn a_chunk_is_handed_over_at_once_and_drops_records_of_an_older_assignment() {
+        let s = shared();
+        s.assign(&[0]);
+        let mut chunk = vec![received(&s, 0), received(&s, 1)];
+        s.hand_over(&mut chunk);
+        assert!(chunk.is_empty());
+        assert_eq!(lock(&s.state).queue.len(), 2);
+        // Received, then the partition was revoked and assigned again
+        // before the hand-over: the new assignment fetches from the
+        // committed offset itself.
+        let mut chunk = vec![received(&s, 2)];
+        lock(&s.state).parts.remove(&0);
+        s.assign(&[0]);
+        s.hand_over(&mut chunk);
+        let st = lock(&s.state);
+        assert_eq!(st.queue.len(), 2, "the stale record is dropped");
+        assert_eq!(st.parts[&0].watermark.commit_point(), None);
+    }
+
+    #[test]
+    fn an_async_commit_in_flight_holds_the_next_one_back_until_its_result() {
+        let s = shared();
+        s.assign(&[0]);
+        let a = queue(&s, 0);
+        assert!(s.settle(&a, true).is_some());
+        lock(&s.state).flush = true;
+        assert_eq!(s.due_commits(false, None), vec![(0, 1)]);
+        // Sent: what finishes meanwhile waits for the result.
+        lock(&s.state).commit_pending = Some(Instant::now());
+        lock(&s.state)
+            .parts
+            .get_mut(&0)
+            .unwrap()
+            .watermark
+            .commit_sent();
+        let b = queue(&s, 1);
+        assert!(s.settle(&b, true).is_some());
+        lock(&s.state).flush = true;
+        assert_eq!(s.due_commits(false, None), vec![], "one commit in flight");
+        assert_eq!(
+            s.due_commits(true, None),
+            vec![(0, 2)],
+            "revoke/shutdown do not wait"
+        );
+        // The result: offset 1 committed; 2 is next.
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("t", 0, Offset::Offset(1)).unwrap();
+        s.commit_done(&Ok(()), &tpl);
+        assert_eq!(lock(&s.state).parts[&0].watermark.last_committed(), Some(1));
+        assert_eq!(s.due_commits(false, None), vec![(0, 2)], "the flush waited");
+    }
+
+    #[test]
+    fn a_failed_async_commit_is_retried() {
+        let s = shared();
+        s.assign(&[0]);
+        let a = queue(&s, 0);
+        assert!(s.settle(&a, true).is_some());
+        lock(&s.state).commit_pending = Some(Instant::now());
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("t", 0, Offset::Offset(1)).unwrap();
+        s.commit_done(
+            &Err(KafkaError::ConsumerCommit(
+                RDKafkaErrorCode::RequestTimedOut,
+            )),
+            &tpl,
+        );
+        let st = lock(&s.state);
+        assert!(st.commit_pending.is_none());
+        assert_eq!(st.parts[&0].watermark.last_committed(), None);
+        assert_eq!(st.parts[&0].watermark.to_commit(), Some(1));
     }
 
     #[test]

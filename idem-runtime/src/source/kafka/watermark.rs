@@ -75,6 +75,12 @@ impl Watermark {
         self.finished_since_commit = 0;
     }
 
+    /// Records that a commit was sent (asynchronously): what finishes from
+    /// now on counts toward the next one.
+    pub(crate) fn commit_sent(&mut self) {
+        self.finished_since_commit = 0;
+    }
+
     /// What was committed last by this consumer.
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn last_committed(&self) -> Option<i64> {
