@@ -199,6 +199,9 @@ impl Subscription for AuditedSubscription {
         self.finished(d);
         self.inner.dead_letter(d, letter).await
     }
+    async fn close(&self) {
+        self.inner.close().await
+    }
 }
 
 struct KafkaBroker {

@@ -16,7 +16,12 @@ pub mod memory;
 pub mod namespaced;
 #[cfg(feature = "nats")]
 pub mod nats;
-#[cfg(any(feature = "redis-streams", feature = "rabbitmq", feature = "nats"))]
+#[cfg(any(
+    feature = "redis-streams",
+    feature = "rabbitmq",
+    feature = "nats",
+    feature = "kafka"
+))]
 mod plumbing;
 
 #[cfg(feature = "rabbitmq")]

@@ -49,7 +49,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use self::watermark::Watermark;
-use super::dead_letter_headers as dlh;
+use super::plumbing;
 use super::{DeadLetter, SourceError, SubscribeSpec, Subscription};
 use crate::delivery::{Delivery, Headers, Receipt};
 use crate::sync::lock;
@@ -178,11 +178,7 @@ impl Kafka {
 
     /// A source for the brokers in `KAFKA_BROKERS` (default `127.0.0.1:9092`).
     pub fn from_env() -> Result<Self, SourceError> {
-        let brokers = match std::env::var(BROKERS_ENV) {
-            Ok(v) if !v.trim().is_empty() => v,
-            _ => DEFAULT_BROKERS.to_owned(),
-        };
-        Self::new(&brokers)
+        Self::new(&plumbing::url_from_env(BROKERS_ENV, DEFAULT_BROKERS))
     }
 
     /// Sets a librdkafka property on the consumers and the dead-letter
@@ -840,7 +836,11 @@ impl super::Source for Kafka {
                 message: format!("cannot start the Kafka poll thread: {e}"),
             });
         }
-        Ok(KafkaSubscription { shared, producer })
+        Ok(KafkaSubscription {
+            shared,
+            producer,
+            closed,
+        })
     }
 }
 
@@ -1021,6 +1021,8 @@ fn set_paused(shared: &Shared, consumer: &BaseConsumer<Context>, pause: bool) {
 pub struct KafkaSubscription {
     shared: Arc<Shared>,
     producer: FutureProducer,
+    /// Set by the poll thread once it made its last commit and left.
+    closed: Arc<Closed>,
 }
 
 impl fmt::Debug for KafkaSubscription {
@@ -1039,14 +1041,19 @@ impl fmt::Debug for KafkaSubscription {
 impl Drop for KafkaSubscription {
     fn drop(&mut self) {
         // The poll thread commits and closes the consumer on its own; it is
-        // not joined here, to keep the async runtime free. `Kafka::closed`
-        // waits for it.
-        lock(&self.shared.state).stop = true;
-        self.shared.room.notify_one();
+        // not joined here, to keep the async runtime free. `close` and
+        // `Kafka::closed` wait for it.
+        self.stop();
     }
 }
 
 impl KafkaSubscription {
+    /// Tells the poll thread to make its last commit and leave the group.
+    fn stop(&self) {
+        lock(&self.shared.state).stop = true;
+        self.shared.room.notify_one();
+    }
+
     fn take(&self, max: usize) -> Vec<Delivery> {
         let mut st = lock(&self.shared.state);
         let now = Instant::now();
@@ -1154,39 +1161,71 @@ impl Subscription for KafkaSubscription {
             self.shared.moved_away(delivery, "dead letter");
             return Ok(());
         }
-        let (partition, _, offset) = parse_receipt(&delivery.receipt).unwrap_or((-1, 0, -1));
-        let mut headers = OwnedHeaders::new();
-        for (k, v) in delivery.headers.iter() {
-            if !is_dead_letter_field(k) {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v),
-                });
-            }
+        plumbing::write_dead_letter(self, delivery, letter).await
+    }
+
+    async fn close(&self) {
+        self.stop();
+        // Bounded: a broker that never answers the last commit or the
+        // group leave cannot hold shutdown (librdkafka gives up on its own).
+        if tokio::time::timeout(CLOSE_TIMEOUT, self.closed.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                topic = %self.shared.topic,
+                group = %self.shared.group,
+                "the Kafka consumer did not leave its group within {CLOSE_TIMEOUT:?}; it goes on closing in the background"
+            );
         }
-        let attempts = letter.attempts.to_string();
-        let fields = [
-            (dlh::REASON, letter.reason.as_str()),
-            (dlh::ATTEMPTS, attempts.as_str()),
-            (dlh::HANDLER, letter.handler.as_str()),
-            (dlh::ORIGINAL_ID, &*delivery.id),
-        ];
-        let partition_s = partition.to_string();
-        let offset_s = offset.to_string();
-        let extra = [
-            (dead_letter_headers::ORIGINAL_TOPIC, &*delivery.topic),
+    }
+}
+
+/// How long [`Subscription::close`] waits for the poll thread's last
+/// commit and group leave.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A Kafka dead letter: the record's key, payload and headers plus where it
+/// came from (topic, partition, offset), confirmed with `acks=all` before
+/// the offset is finished.
+impl plumbing::DeadLetterSink for KafkaSubscription {
+    fn reserved(&self, name: &str) -> bool {
+        [
+            dead_letter_headers::ORIGINAL_TOPIC,
+            dead_letter_headers::ORIGINAL_PARTITION,
+            dead_letter_headers::ORIGINAL_OFFSET,
+        ]
+        .iter()
+        .any(|n| n.eq_ignore_ascii_case(name))
+    }
+
+    async fn publish_and_settle(
+        &self,
+        delivery: &Delivery,
+        headers: Vec<plumbing::Header<'_>>,
+    ) -> Result<(), SourceError> {
+        let (partition, _, offset) = parse_receipt(&delivery.receipt).unwrap_or((-1, 0, -1));
+        let (partition, offset) = (partition.to_string(), offset.to_string());
+        let origin = [
+            (
+                dead_letter_headers::ORIGINAL_TOPIC,
+                delivery.topic.as_bytes(),
+            ),
             (
                 dead_letter_headers::ORIGINAL_PARTITION,
-                partition_s.as_str(),
+                partition.as_bytes(),
             ),
-            (dead_letter_headers::ORIGINAL_OFFSET, offset_s.as_str()),
+            (dead_letter_headers::ORIGINAL_OFFSET, offset.as_bytes()),
         ];
-        for (k, v) in fields.into_iter().chain(extra) {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
-        }
+        let headers = headers.iter().map(|(k, v)| (*k, &**v)).chain(origin).fold(
+            OwnedHeaders::new(),
+            |h, (key, value)| {
+                h.insert(Header {
+                    key,
+                    value: Some(value),
+                })
+            },
+        );
         let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.shared.dead_letter)
             .payload(&*delivery.payload)
             .headers(headers);
@@ -1217,22 +1256,6 @@ impl Subscription for KafkaSubscription {
             }
         }
     }
-}
-
-/// Whether a header of the original message is one idem writes itself on a
-/// dead letter (it is replaced, not duplicated).
-fn is_dead_letter_field(name: &str) -> bool {
-    [
-        dlh::REASON,
-        dlh::ATTEMPTS,
-        dlh::HANDLER,
-        dlh::ORIGINAL_ID,
-        dead_letter_headers::ORIGINAL_TOPIC,
-        dead_letter_headers::ORIGINAL_PARTITION,
-        dead_letter_headers::ORIGINAL_OFFSET,
-    ]
-    .iter()
-    .any(|n| n.eq_ignore_ascii_case(name))
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! What the network sources (Redis Streams, RabbitMQ, NATS JetStream) share,
+//! What the network sources (Redis Streams, RabbitMQ, NATS JetStream, Kafka) share,
 //! in one place, so that a broker only implements its primitives:
 //!
 //! | concern | here | what a broker supplies |
@@ -15,28 +15,22 @@
 mod dead_letter;
 #[cfg(any(feature = "redis-streams", feature = "nats"))]
 mod keep_alive;
+#[cfg(any(feature = "redis-streams", feature = "rabbitmq", feature = "nats"))]
 mod reconnect;
-
-use std::fmt;
-use std::time::Duration;
 
 pub(crate) use dead_letter::{DeadLetterSink, Header, write_dead_letter};
 #[cfg(any(feature = "redis-streams", feature = "nats"))]
 pub(crate) use keep_alive::{InFlight, KeepAlive, Ticker, spawn_keep_alive};
 #[cfg(any(feature = "redis-streams", feature = "rabbitmq"))]
 pub(crate) use reconnect::Live;
-pub(crate) use reconnect::{Connector, Reconnecting};
-
-use super::SourceError;
-use crate::handler::Backoff;
-
-pub(crate) use crate::sync::lock;
-
-/// The default delays between reconnection attempts.
-pub(crate) const RECONNECT_BACKOFF: Backoff = Backoff {
-    min: Duration::from_millis(100),
-    max: Duration::from_secs(5),
+#[cfg(any(feature = "redis-streams", feature = "rabbitmq", feature = "nats"))]
+pub(crate) use {
+    connection::{RECONNECT_BACKOFF, redacted, unavailable},
+    reconnect::{Connector, Reconnecting},
 };
+
+#[cfg(any(feature = "redis-streams", feature = "rabbitmq", feature = "nats"))]
+pub(crate) use crate::sync::lock;
 
 /// The broker URL from `var`, or `default` when it is unset or empty.
 pub(crate) fn url_from_env(var: &str, default: &str) -> String {
@@ -46,15 +40,36 @@ pub(crate) fn url_from_env(var: &str, default: &str) -> String {
     }
 }
 
-/// A short text for logs from any error, with `url`'s password removed.
-pub(crate) fn redacted(error: &dyn fmt::Display, url: &str) -> String {
-    crate::redact::redact_text(&error.to_string(), url)
-}
+/// What the sources that hold a connection of their own share (Kafka's
+/// client, librdkafka, reconnects by itself).
+#[cfg(any(feature = "redis-streams", feature = "rabbitmq", feature = "nats"))]
+mod connection {
+    use std::fmt;
+    use std::time::Duration;
 
-/// The broker `source` failed at `what`: the loop backs off and retries.
-pub(crate) fn unavailable(source: &'static str, what: &str, e: &dyn fmt::Display) -> SourceError {
-    SourceError::Unavailable {
-        source_name: source,
-        message: format!("{what}: {e}"),
+    use crate::handler::Backoff;
+    use crate::source::SourceError;
+
+    /// The default delays between reconnection attempts.
+    pub(crate) const RECONNECT_BACKOFF: Backoff = Backoff {
+        min: Duration::from_millis(100),
+        max: Duration::from_secs(5),
+    };
+
+    /// A short text for logs from any error, with `url`'s password removed.
+    pub(crate) fn redacted(error: &dyn fmt::Display, url: &str) -> String {
+        crate::redact::redact_text(&error.to_string(), url)
+    }
+
+    /// The broker `source` failed at `what`: the loop backs off and retries.
+    pub(crate) fn unavailable(
+        source: &'static str,
+        what: &str,
+        e: &dyn fmt::Display,
+    ) -> SourceError {
+        SourceError::Unavailable {
+            source_name: source,
+            message: format!("{what}: {e}"),
+        }
     }
 }
