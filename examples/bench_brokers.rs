@@ -212,7 +212,7 @@ async fn hand_loop<S: Source, P: Producer>(
         settled += deliveries.len();
     }
     let elapsed = started.elapsed();
-    drop(sub);
+    sub.close().await;
     producer.reset(TOPIC).await?;
     if settled < n {
         return Err(format!("hand loop: {settled} of {n} in {elapsed:?}").into());
@@ -230,16 +230,18 @@ async fn measure<S: Source, P: Producer, D: DedupStore<M>, M>(
     concurrency: usize,
 ) -> BoxResult<Duration> {
     producer.reset(TOPIC).await?;
-    drop(
-        source
-            .subscribe(SubscribeSpec {
-                topic: TOPIC,
-                group: handler,
-                dead_letter: None,
-                prefetch: concurrency,
-            })
-            .await?,
-    );
+    // Closed, not dropped: the consumer leaves its group (and RabbitMQ
+    // confirms the cancel) before the runtime subscribes again.
+    source
+        .subscribe(SubscribeSpec {
+            topic: TOPIC,
+            group: handler,
+            dead_letter: None,
+            prefetch: concurrency,
+        })
+        .await?
+        .close()
+        .await;
     producer.publish(TOPIC, &orders(n)).await?;
     let runtime = Runtime::builder(source)
         .store(store)

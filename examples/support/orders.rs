@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use idem::source::SubscribeSpec;
 use idem::store::sqlite::SqliteStore;
-use idem::{CancellationToken, Runtime, Source, Tx, idempotent};
+use idem::{CancellationToken, Runtime, Source, Subscription, Tx, idempotent};
 use serde::Deserialize;
 
 use crate::producers::{Outgoing, Producer};
@@ -148,16 +148,18 @@ async fn run<S: Source, P: Producer>(
     // A fresh topic; subscribing once declares the stream/queue and the
     // consumer group before the producer writes to it.
     producer.reset(TOPIC).await?;
-    drop(
-        source
-            .subscribe(SubscribeSpec {
-                topic: TOPIC,
-                group: HANDLER,
-                dead_letter: None,
-                prefetch: 16,
-            })
-            .await?,
-    );
+    // Closed, not dropped: the consumer leaves its group (and RabbitMQ
+    // confirms the cancel) before the runtime subscribes again.
+    source
+        .subscribe(SubscribeSpec {
+            topic: TOPIC,
+            group: HANDLER,
+            dead_letter: None,
+            prefetch: 16,
+        })
+        .await?
+        .close()
+        .await;
     let outgoing = messages();
     producer.publish(TOPIC, &outgoing).await?;
     println!("published {} messages", outgoing.len());
