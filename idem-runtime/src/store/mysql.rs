@@ -332,6 +332,8 @@ fn json_table(columns: &str) -> String {
     format!("JSON_TABLE(?, '$[*]' COLUMNS ({columns})) AS j")
 }
 
+impl super::sql::sealed::Sealed for MysqlDialect {}
+
 impl Dialect for MysqlDialect {
     type Db = MySql;
     type Statements = Statements;

@@ -154,6 +154,8 @@ impl SqlStore<PostgresDialect> {
 /// trip; `LOCAL` ends with the transaction.
 const BEGIN: &str = "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan";
 
+impl super::sql::sealed::Sealed for PostgresDialect {}
+
 impl Dialect for PostgresDialect {
     type Db = Postgres;
     type Statements = Statements;

@@ -125,6 +125,8 @@ impl SqlStore<SqliteDialect> {
     }
 }
 
+impl super::sql::sealed::Sealed for SqliteDialect {}
+
 impl Dialect for SqliteDialect {
     type Db = Sqlite;
     type Statements = Statements;

@@ -108,15 +108,11 @@ pub trait Dialect: sealed::Sealed + Send + Sync + Sized + 'static {
     fn classify(error: &dyn DatabaseError) -> Failure;
 }
 
-mod sealed {
+/// Seals [`Dialect`]: each dialect's module implements it beside its
+/// `Dialect` impl, so this module names none of them.
+pub(in crate::store) mod sealed {
     pub trait Sealed {}
 }
-#[cfg(feature = "mysql")]
-impl sealed::Sealed for super::mysql::MysqlDialect {}
-#[cfg(feature = "postgres")]
-impl sealed::Sealed for super::postgres::PostgresDialect {}
-#[cfg(feature = "sqlite")]
-impl sealed::Sealed for super::sqlite::SqliteDialect {}
 
 /// The validated names a store's SQL is built from.
 #[doc(hidden)]
