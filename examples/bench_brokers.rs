@@ -436,11 +436,12 @@ async fn main() -> BoxResult<()> {
             "kafka-postgres" | "kafka-batch" => {
                 let brokers = env("KAFKA_BROKERS", "127.0.0.1:9092");
                 let producer = producers::KafkaProducer::connect(&brokers)?;
-                if b == "kafka-batch" {
-                    kafka_bench::batch(&brokers, &producer, n).await?;
+                let mode = if b == "kafka-batch" {
+                    "batch"
                 } else {
-                    kafka_bench::auto(&brokers, &producer, n).await?;
-                }
+                    "single"
+                };
+                kafka_bench::postgres_stage(&brokers, &producer, n, mode).await?;
             }
             #[cfg(feature = "kafka")]
             "kafka-raw" => {
@@ -478,44 +479,33 @@ mod kafka_bench {
             .set("heartbeat.interval.ms", "500"))
     }
 
-    /// `ack = "auto"`, 16 in flight, into PostgreSQL.
-    pub(crate) async fn auto(brokers: &str, producer: &impl Producer, n: usize) -> BoxResult<()> {
-        let schema = format!("idem_bench_auto_{}", std::process::id());
+    /// One stage into PostgreSQL: `single` (`ack = "auto"`, 16 in flight)
+    /// or `batch` (the batch handler, batches of up to 64).
+    pub(crate) async fn postgres_stage(
+        brokers: &str,
+        producer: &impl Producer,
+        n: usize,
+        mode: &str,
+    ) -> BoxResult<()> {
+        let (handler, concurrency) = match mode {
+            "batch" => ("bench-postgres-batch", BATCH),
+            _ => ("bench-postgres", CONCURRENCY),
+        };
+        let schema = format!("idem_bench_{mode}_{}", std::process::id());
         let store = postgres(&schema).await?;
         let t = measure(
             source(brokers)?,
             producer,
             store.clone(),
-            "bench-postgres",
+            handler,
             n,
-            CONCURRENCY,
+            concurrency,
         )
         .await?;
         let rows: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT order_id) FROM bench_effects")
             .fetch_one(store.pool())
             .await?;
-        report("Kafka", "PostgreSQL", "single", n, t, rows);
-        drop_schema(&store, &schema).await?;
-        Ok(())
-    }
-
-    /// `ack = "batch"`, batches of up to 64, into PostgreSQL.
-    pub(crate) async fn batch(brokers: &str, producer: &impl Producer, n: usize) -> BoxResult<()> {
-        let schema = format!("idem_bench_batch_{}", std::process::id());
-        let store = postgres(&schema).await?;
-        let t = measure(
-            source(brokers)?,
-            producer,
-            store.clone(),
-            "bench-postgres-batch",
-            n,
-            BATCH,
-        )
-        .await?;
-        let rows: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT order_id) FROM bench_effects")
-            .fetch_one(store.pool())
-            .await?;
-        report("Kafka", "PostgreSQL", "batch", n, t, rows);
+        report("Kafka", "PostgreSQL", mode, n, t, rows);
         drop_schema(&store, &schema).await?;
         Ok(())
     }
