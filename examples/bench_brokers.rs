@@ -29,6 +29,7 @@ use std::error::Error;
 use std::time::{Duration, Instant};
 
 use idem::source::SubscribeSpec;
+use idem::source::namespaced::Namespaced;
 use idem::source::nats::NatsJetStream;
 use idem::source::rabbitmq::RabbitMq;
 use idem::source::redis_streams::RedisStreams;
@@ -183,16 +184,17 @@ async fn hand_loop<S: Source, P: Producer>(
     batch: usize,
     one_by_one: bool,
 ) -> BoxResult<Duration> {
-    producer.reset(TOPIC).await?;
+    let topic = format!("{}{TOPIC}", stage_prefix());
+    producer.reset(&topic).await?;
     let sub = source
         .subscribe(SubscribeSpec {
-            topic: TOPIC,
-            group: "bench-hand",
+            topic: &topic,
+            group: &format!("{topic}-hand"),
             dead_letter: None,
             prefetch: batch,
         })
         .await?;
-    producer.publish(TOPIC, &orders(n)).await?;
+    producer.publish(&topic, &orders(n)).await?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(600);
     let mut settled = 0;
@@ -213,14 +215,29 @@ async fn hand_loop<S: Source, P: Producer>(
     }
     let elapsed = started.elapsed();
     sub.close().await;
-    producer.reset(TOPIC).await?;
+    producer.delete(&topic).await?;
     if settled < n {
         return Err(format!("hand loop: {settled} of {n} in {elapsed:?}").into());
     }
     Ok(elapsed)
 }
 
-/// One timed run; returns (elapsed, messages/s).
+/// A name prefix of its own for each stage: every stage publishes to a new
+/// topic read by new consumer groups, so no group is re-joined and no topic
+/// is re-created under a name it had (tansu 0.6 hangs in the first case and
+/// has crashed in the second).
+fn stage_prefix() -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static STAGE: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "s{}-{}-",
+        std::process::id(),
+        STAGE.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// One timed run through a [`Namespaced`] source (see [`stage_prefix`]);
+/// returns the time to the last message processed.
 async fn measure<S: Source, P: Producer, D: DedupStore<M>, M>(
     source: S,
     producer: &P,
@@ -229,20 +246,25 @@ async fn measure<S: Source, P: Producer, D: DedupStore<M>, M>(
     n: usize,
     concurrency: usize,
 ) -> BoxResult<Duration> {
-    producer.reset(TOPIC).await?;
-    // Closed, not dropped: the consumer leaves its group (and RabbitMQ
-    // confirms the cancel) before the runtime subscribes again.
-    source
-        .subscribe(SubscribeSpec {
-            topic: TOPIC,
-            group: handler,
-            dead_letter: None,
-            prefetch: concurrency,
-        })
-        .await?
-        .close()
-        .await;
-    producer.publish(TOPIC, &orders(n)).await?;
+    let prefix = stage_prefix();
+    let topic = format!("{prefix}{TOPIC}");
+    let source = Namespaced::new(source, prefix);
+    producer.reset(&topic).await?;
+    if !producer.creates_topic() {
+        // Closed, not dropped: the consumer leaves its group (and RabbitMQ
+        // confirms the cancel) before the runtime subscribes again.
+        source
+            .subscribe(SubscribeSpec {
+                topic: TOPIC,
+                group: handler,
+                dead_letter: None,
+                prefetch: concurrency,
+            })
+            .await?
+            .close()
+            .await;
+    }
+    producer.publish(&topic, &orders(n)).await?;
     let runtime = Runtime::builder(source)
         .store(store)
         .handlers([handler])
@@ -273,7 +295,7 @@ async fn measure<S: Source, P: Producer, D: DedupStore<M>, M>(
     if s.processed != n as u64 {
         return Err(format!("{handler}: {} of {n} processed ({s:?})", s.processed).into());
     }
-    producer.reset(TOPIC).await?;
+    producer.delete(&topic).await?;
     Ok(elapsed)
 }
 
@@ -469,14 +491,8 @@ mod kafka_bench {
     use idem::source::kafka::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
     use idem::source::kafka::rdkafka::message::Message;
 
-    /// The source of the single runs: tansu 0.6 does not let a group's
-    /// next member in before the one that left (the bench subscribes once to
-    /// create the topics) times out, so the session timeout is Kafka's
-    /// minimum (6 s; the join is inside the timed run).
     fn source(brokers: &str) -> BoxResult<idem::source::kafka::Kafka> {
-        Ok(idem::source::kafka::Kafka::new(brokers)?
-            .set("session.timeout.ms", "6000")
-            .set("heartbeat.interval.ms", "500"))
+        Ok(idem::source::kafka::Kafka::new(brokers)?)
     }
 
     /// One stage into PostgreSQL: `single` (`ack = "auto"`, 16 in flight)
@@ -515,10 +531,11 @@ mod kafka_bench {
     /// consumed offsets asynchronously every 64 messages and synchronously
     /// at the end.
     pub(crate) async fn raw(brokers: &str, producer: &impl Producer, n: usize) -> BoxResult<()> {
-        producer.reset(TOPIC).await?;
-        producer.publish(TOPIC, &orders(n)).await?;
-        let group = format!("bench-raw-{}", std::process::id());
-        let brokers = brokers.to_owned();
+        let topic = format!("{}{TOPIC}", stage_prefix());
+        producer.reset(&topic).await?;
+        producer.publish(&topic, &orders(n)).await?;
+        let group = format!("{topic}-raw");
+        let (brokers, t_topic) = (brokers.to_owned(), topic.clone());
         let (t, bytes) = tokio::task::spawn_blocking(move || -> Result<_, String> {
             let c: BaseConsumer = ClientConfig::new()
                 .set("bootstrap.servers", &brokers)
@@ -528,7 +545,7 @@ mod kafka_bench {
                 .create()
                 .map_err(|e| e.to_string())?;
             let started = Instant::now();
-            c.subscribe(&[TOPIC]).map_err(|e| e.to_string())?;
+            c.subscribe(&[&t_topic]).map_err(|e| e.to_string())?;
             let (mut seen, mut bytes) = (0usize, 0usize);
             while seen < n {
                 if started.elapsed() > Duration::from_secs(600) {
@@ -559,7 +576,7 @@ mod kafka_bench {
             t.as_secs_f64(),
             n as f64 / t.as_secs_f64()
         );
-        producer.reset(TOPIC).await?;
+        producer.delete(&topic).await?;
         Ok(())
     }
 }

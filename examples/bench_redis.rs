@@ -23,6 +23,10 @@
 //! `GET` + `SET` inside the completion script, one script call per batch),
 //! where `redis-benchmark` sends one `SET` per request.
 
+#[path = "support/bench.rs"]
+mod bench;
+
+use std::future::Future;
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -349,17 +353,68 @@ async fn clean(url: &str, prefix: &str) {
     }
 }
 
+/// `used_cpu_user + used_cpu_sys` of redis-server (`INFO cpu`), seconds.
+async fn redis_cpu(url: &str) -> f64 {
+    let Ok(client) = redis::Client::open(url) else {
+        return 0.0;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return 0.0;
+    };
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    info.lines()
+        .filter(|l| l.starts_with("used_cpu_user:") || l.starts_with("used_cpu_sys:"))
+        .filter_map(|l| l.split_once(':')?.1.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// A measurement: its rate, and the CPU time it cost per message here and
+/// in redis-server. On 2 CPUs with both processes busy, throughput is bound
+/// by their sum: `CPUs / (client + server)`.
+#[derive(Clone, Copy, Default)]
+struct Figure {
+    rate: f64,
+    client_us: f64,
+    server_us: f64,
+}
+
+async fn metered(url: &str, n: usize, run: impl Future<Output = f64>) -> Figure {
+    let (client, server) = (bench::cpu_time(), redis_cpu(url).await);
+    let rate = run.await;
+    let client = bench::cpu_time().saturating_sub(client).as_secs_f64();
+    let server = redis_cpu(url).await - server;
+    Figure {
+        rate,
+        client_us: client * 1e6 / n as f64,
+        server_us: server * 1e6 / n as f64,
+    }
+}
+
+/// The median CPU cost of a row's runs, and how many CPUs it kept busy.
+fn cpu_row(name: &str, figures: &[Figure]) -> f64 {
+    let client = bench::median(figures.iter().map(|f| f.client_us).collect());
+    let server = bench::median(figures.iter().map(|f| f.server_us).collect());
+    let rate = bench::median(figures.iter().map(|f| f.rate).collect());
+    println!(
+        "    {name:<40} {client:>6.1} µs here + {server:>5.1} µs redis-server = {:>6.1} µs/msg, {:.2} CPUs busy",
+        client + server,
+        rate * (client + server) / 1e6
+    );
+    client + server
+}
+
 /// The best of several runs: on a shared machine the slow runs measure the
 /// neighbours, not the code.
 fn best(runs: &[f64]) -> f64 {
     runs.iter().copied().fold(0.0, f64::max)
 }
 
-/// The median of the runs (the upper one of an even count).
 fn median(runs: &[f64]) -> f64 {
-    let mut v = runs.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    bench::median(runs.to_vec())
 }
 
 /// One row per figure: best rate, and the spread of the runs.
@@ -405,65 +460,114 @@ async fn main() -> ExitCode {
     .await;
 
     // [redis-benchmark, hand loop, store API, idem, idem on memory] × (single, batch)
-    let mut single: [Vec<f64>; 5] = Default::default();
-    let mut batch: [Vec<f64>; 5] = Default::default();
+    let mut single: [Vec<Figure>; 5] = Default::default();
+    let mut batch: [Vec<Figure>; 5] = Default::default();
+    let rb_figure = |rate| Figure {
+        rate,
+        ..Figure::default()
+    };
     for r in 0..reps {
         // Each step's rate; the runs are interleaved so that a noisy moment
         // does not hit one row only.
         if let Some(rb) = redis_benchmark(&url, n, SINGLE_DEPTH, 1) {
-            single[0].push(rb);
+            single[0].push(rb_figure(rb));
         }
-        single[1].push(run_hand_loop(&url, &format!("{run}-hs{r}"), n, 1, SINGLE_DEPTH).await);
-        single[2].push(run_store_loop(&store, &format!("ss{r}-"), n, 1, SINGLE_DEPTH).await);
+        let u = url.as_str();
+        single[1].push(
+            metered(
+                u,
+                n,
+                run_hand_loop(u, &format!("{run}-hs{r}"), n, 1, SINGLE_DEPTH),
+            )
+            .await,
+        );
+        single[2].push(
+            metered(
+                u,
+                n,
+                run_store_loop(&store, &format!("ss{r}-"), n, 1, SINGLE_DEPTH),
+            )
+            .await,
+        );
         single[3].push(
-            run_idem(
-                store.clone(),
-                "bench-single",
-                "single",
-                (0..n).map(|i| msg(&format!("s{r}-{i}"))),
-                SINGLE_DEPTH,
+            metered(
+                u,
+                n,
+                run_idem(
+                    store.clone(),
+                    "bench-single",
+                    "single",
+                    (0..n).map(|i| msg(&format!("s{r}-{i}"))),
+                    SINGLE_DEPTH,
+                ),
             )
             .await,
         );
         single[4].push(
-            run_idem(
-                MemoryStore::new(),
-                "mem-single",
-                "single",
-                (0..n).map(|i| msg(&format!("s{i}"))),
-                SINGLE_DEPTH,
+            metered(
+                u,
+                n,
+                run_idem(
+                    MemoryStore::new(),
+                    "mem-single",
+                    "single",
+                    (0..n).map(|i| msg(&format!("s{i}"))),
+                    SINGLE_DEPTH,
+                ),
             )
             .await,
         );
         if let Some(rb) = redis_benchmark(&url, n * 2, 1, BATCH) {
-            batch[0].push(rb);
+            batch[0].push(rb_figure(rb));
         }
-        batch[1].push(run_hand_loop(&url, &format!("{run}-hb{r}"), n * 2, BATCH, 1).await);
-        batch[2].push(run_store_loop(&store, &format!("sb{r}-"), n * 2, BATCH, 1).await);
+        batch[1].push(
+            metered(
+                u,
+                n * 2,
+                run_hand_loop(u, &format!("{run}-hb{r}"), n * 2, BATCH, 1),
+            )
+            .await,
+        );
+        batch[2].push(
+            metered(
+                u,
+                n * 2,
+                run_store_loop(&store, &format!("sb{r}-"), n * 2, BATCH, 1),
+            )
+            .await,
+        );
         batch[3].push(
-            run_idem(
-                store.clone(),
-                "bench-batch",
-                "batch",
-                (0..n * 2).map(|i| msg(&format!("b{r}-{i}"))),
-                BATCH,
+            metered(
+                u,
+                n * 2,
+                run_idem(
+                    store.clone(),
+                    "bench-batch",
+                    "batch",
+                    (0..n * 2).map(|i| msg(&format!("b{r}-{i}"))),
+                    BATCH,
+                ),
             )
             .await,
         );
         batch[4].push(
-            run_idem(
-                MemoryStore::new(),
-                "mem-batch",
-                "batch",
-                (0..n * 2).map(|i| msg(&format!("b{i}"))),
-                BATCH,
+            metered(
+                u,
+                n * 2,
+                run_idem(
+                    MemoryStore::new(),
+                    "mem-batch",
+                    "batch",
+                    (0..n * 2).map(|i| msg(&format!("b{i}"))),
+                    BATCH,
+                ),
             )
             .await,
         );
         clean(&url, &run).await;
     }
 
-    for (title, rows, rb_name) in [
+    for (title, figures, rb_name) in [
         (
             format!("single (ack = \"auto\", {SINGLE_DEPTH} messages in flight)"),
             &single,
@@ -476,6 +580,10 @@ async fn main() -> ExitCode {
         ),
     ] {
         println!("\n{title}");
+        let rows: Vec<Vec<f64>> = figures
+            .iter()
+            .map(|f| f.iter().map(|f| f.rate).collect())
+            .collect();
         let rb = (!rows[0].is_empty()).then(|| best(&rows[0]));
         if rb.is_some() {
             row(rb_name, &rows[0], None, "");
@@ -518,6 +626,15 @@ async fn main() -> ExitCode {
                 100.0 * commands / rb
             );
         }
+        println!("  CPU per message (medians; /proc/self/stat and redis-server's INFO cpu):");
+        let hand = cpu_row("hand-written loop", &figures[1]);
+        cpu_row("RedisStore claim + commit, no runtime", &figures[2]);
+        let idem = cpu_row("idem", &figures[3]);
+        cpu_row("idem on store = \"memory\"", &figures[4]);
+        println!(
+            "  with the CPUs saturated, idem / hand loop is bound by their CPU per message: {:.3}",
+            hand / idem
+        );
     }
 
     // Hot duplicates: 1,000 keys processed once, then 20 copies of each

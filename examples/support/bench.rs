@@ -9,7 +9,8 @@
 //!   whole pipeline (claim, handler, commit, ack).
 //! - [`Histogram`]: log buckets (2 % wide), fixed size: p50/p99 without a
 //!   per-message allocation.
-//! - [`rss_kib`]: `VmRSS`/`VmHWM` of this process from `/proc/self/status`.
+//! - [`rss_kib`]: `VmRSS`/`VmHWM` of this process from `/proc/self/status`;
+//!   [`cpu_time`]: its CPU time from `/proc/self/stat`.
 //! - [`Csv`]: appends rows to the CSV `scripts/bench.sh` plots.
 //!
 //! Loaded with `#[path = "support/bench.rs"] mod bench;`.
@@ -263,6 +264,24 @@ pub fn rss_kib() -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// CPU time (user + system, all threads) this process has used so far, from
+/// `/proc/self/stat` (in clock ticks of 10 ms; zero where `/proc` is absent).
+/// Over a run of seconds the resolution is a fraction of a percent.
+pub fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The command name, in parentheses, may hold spaces: count from after it
+    // (field 3 onwards); utime and stime are fields 14 and 15.
+    let mut fields = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .skip(11)
+        .map(|f| f.parse::<u64>().unwrap_or(0));
+    let ticks = fields.next().unwrap_or(0) + fields.next().unwrap_or(0);
+    // USER_HZ is 100 on every Linux architecture we run.
+    Duration::from_millis(ticks * 10)
 }
 
 /// The median of `v` (empty: 0).

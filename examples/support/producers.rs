@@ -24,8 +24,21 @@ type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
 /// What an example needs from a broker besides idem's source.
 pub trait Producer {
-    /// Deletes `topic` and `<topic>.dlq` with their consumer state.
+    /// Deletes `topic` and `<topic>.dlq` with their consumer state (Kafka
+    /// then creates `topic` again, empty).
     async fn reset(&self, topic: &str) -> Result<()>;
+    /// Deletes `topic` and `<topic>.dlq` with their consumer state, leaving
+    /// nothing behind.
+    async fn delete(&self, topic: &str) -> Result<()> {
+        self.reset(topic).await
+    }
+    /// Whether [`reset`](Self::reset) leaves the topic in place, so that a
+    /// consumer group joining after the publish still reads the backlog
+    /// (Kafka: a new group starts at the earliest offset). Otherwise the
+    /// topic is declared by subscribing once before publishing.
+    fn creates_topic(&self) -> bool {
+        false
+    }
     /// Publishes in order, waiting for the broker to confirm.
     async fn publish(&self, topic: &str, messages: &[Outgoing]) -> Result<()>;
     /// The dead letters of `<topic>.dlq`.
@@ -349,12 +362,8 @@ mod kafka_producer {
 
     impl Producer for KafkaProducer {
         async fn reset(&self, topic: &str) -> Result<()> {
+            self.delete(topic).await?;
             let admin = self.admin()?;
-            let dlq = format!("{topic}.dlq");
-            // Missing topics are fine; the results are per topic.
-            let _ = admin
-                .delete_topics(&[topic, dlq.as_str()], &AdminOptions::new())
-                .await?;
             let new = NewTopic::new(topic, 4, TopicReplication::Fixed(-1));
             for r in admin.create_topics([&new], &AdminOptions::new()).await? {
                 match r {
@@ -363,6 +372,20 @@ mod kafka_producer {
                 }
             }
             Ok(())
+        }
+
+        async fn delete(&self, topic: &str) -> Result<()> {
+            let dlq = format!("{topic}.dlq");
+            // Missing topics are fine; the results are per topic.
+            let _ = self
+                .admin()?
+                .delete_topics(&[topic, dlq.as_str()], &AdminOptions::new())
+                .await?;
+            Ok(())
+        }
+
+        fn creates_topic(&self) -> bool {
+            true
         }
 
         async fn publish(&self, topic: &str, messages: &[Outgoing]) -> Result<()> {
