@@ -200,11 +200,9 @@ impl SqlStore<MysqlDialect> {
         let mut out = vec![TWIN; requests.len()];
         for row in &rows {
             let (handler, key): (&str, &str) = (row.get(0), row.get(1));
-            let Some(i) = order.find(requests, handler, key) else {
-                return Err(self.config(format!(
-                    "claim statement returned a row for a key it was not given ({handler:?}, {key:?})"
-                )));
-            };
+            let i = order
+                .returned(requests, handler, key)
+                .map_err(|why| self.config(why))?;
             out[i] = answer(&requests[i], row, 2, token);
         }
         Ok(out)

@@ -8,8 +8,15 @@
 //! another consumer's wait (up to the 30 s busy timeout of
 //! [`open`](SqliteStore::open)) until that one has committed or rolled back.
 //!
-//! Times are the process's clock (SQLite runs in it). A batch is claimed
-//! statement by statement: in-process, a statement costs no round trip.
+//! Times are the process's clock (SQLite runs in it).
+//!
+//! A batch is claimed with one `INSERT … ON CONFLICT … DO UPDATE … WHERE
+//! expired RETURNING` over all its keys (each once), then one `SELECT` of
+//! the records of the keys it did not take; results are saved with one
+//! `UPDATE … FROM (VALUES …)` and a batch is undone with one `DELETE`. No
+//! round trip to save, but every statement is a hand-off to the
+//! connection's worker thread. A statement holds at most 500 keys (3,000
+//! parameters, within SQLite's 32,766); a larger batch takes one per 500.
 //!
 //! Errors are classified by SQLite's result codes: `SQLITE_BUSY`,
 //! `SQLITE_LOCKED`, `SQLITE_IOERR`, `SQLITE_FULL`, `SQLITE_NOMEM`,
@@ -23,13 +30,14 @@ use std::time::Duration;
 
 use sqlx::error::DatabaseError;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite};
 
 use super::sql::{
     Dialect, Failure, LockOrder, Migration, MigrationLog, Migrator, Names, SqlStore, Statement,
-    TWIN, settled, ttl_millis,
+    TWIN, push_placeholders, settled, ttl_millis,
 };
 use super::{Claim, ClaimRequest, Claimed, StoreError};
 use crate::fingerprint::Fingerprint;
@@ -56,6 +64,51 @@ pub struct Statements {
     save_result: Statement,
     delete: Statement,
     purge: Statement,
+    /// The statements over many keys, around their `VALUES` list.
+    many: Many,
+}
+
+/// The text of the statements over many keys, before and after their
+/// `VALUES` list (whose length is the batch's).
+struct Many {
+    claim: (String, String),
+    lookup: (String, String),
+    save_results: (String, String),
+    delete: (String, String),
+}
+
+impl Many {
+    fn sql(
+        (head, tail): &(String, String),
+        rows: usize,
+        columns: usize,
+    ) -> sqlx::AssertSqlSafe<String> {
+        // `(?, ?, ?), `: 3 bytes a column, 4 a row.
+        let values = rows * (columns * 3 + 4);
+        let mut sql = String::with_capacity(head.len() + values + tail.len());
+        sql.push_str(head);
+        push_placeholders(&mut sql, rows, columns);
+        sql.push_str(tail);
+        sqlx::AssertSqlSafe(sql)
+    }
+}
+
+/// The most keys one statement takes: 6 parameters each, within SQLite's
+/// 32,766 (a larger batch takes several statements).
+const KEYS_PER_STATEMENT: usize = 500;
+
+/// The claim: insert, or take over a row whose record has expired at
+/// `now` (an expression); `values` are the rows to insert.
+fn claim_sql(t: &str, values: &str, now: &str, returning: &str) -> String {
+    format!(
+        "INSERT INTO {t} (handler, key, fingerprint, message_id, created_at, expires_at) \
+         VALUES {values} \
+         ON CONFLICT (handler, key) DO UPDATE SET fingerprint = excluded.fingerprint, \
+         message_id = excluded.message_id, result = NULL, created_at = excluded.created_at, \
+         expires_at = excluded.expires_at \
+         WHERE {t}.expires_at IS NOT NULL AND {t}.expires_at <= {now} \
+         RETURNING {returning}"
+    )
 }
 
 impl SqlStore<SqliteDialect> {
@@ -123,6 +176,75 @@ impl SqlStore<SqliteDialect> {
             .map_err(|e| self.err(e))?;
         Ok(settled(r, row.get(0), row.get(1)))
     }
+
+    /// Claims many keys: one statement inserts (or takes over) those it
+    /// can and returns them, one more reads the records of the others.
+    async fn claim_many(
+        &self,
+        conn: &mut SqliteConnection,
+        requests: &[ClaimRequest<'_>],
+        now: i64,
+    ) -> Result<Vec<Claim>, StoreError> {
+        let many = &self.statements().many;
+        let order = LockOrder::of(requests);
+        let mut out = vec![TWIN; requests.len()];
+        for keys in order.indices().chunks(KEYS_PER_STATEMENT) {
+            let mut query = sqlx::query(Many::sql(&many.claim, keys.len(), 6));
+            for &i in keys {
+                let r = &requests[i];
+                query = query
+                    .bind(r.handler)
+                    .bind(r.key.as_str())
+                    .bind(Fingerprint::stored(r.fingerprint))
+                    .bind(r.message_id)
+                    .bind(now)
+                    .bind(ttl_millis(r).map(|ttl| now.saturating_add(ttl)));
+            }
+            let taken = query.fetch_all(&mut *conn).await.map_err(|e| self.err(e))?;
+            for row in &taken {
+                let i = self.returned(&order, requests, row)?;
+                out[i] = Claim::New { token: 0 };
+            }
+        }
+        // The keys whose record is there and live: what it says.
+        let present: Vec<usize> = order
+            .indices()
+            .iter()
+            .copied()
+            .filter(|&i| !matches!(out[i], Claim::New { .. }))
+            .collect();
+        for keys in present.chunks(KEYS_PER_STATEMENT) {
+            let mut query = sqlx::query(Many::sql(&many.lookup, keys.len(), 2));
+            for &i in keys {
+                query = query
+                    .bind(requests[i].handler)
+                    .bind(requests[i].key.as_str());
+            }
+            let records = query.fetch_all(&mut *conn).await.map_err(|e| self.err(e))?;
+            // Each key has one row (the primary key), kept by our write lock
+            // since it conflicted; one missing is what `claim_one` reports.
+            if records.len() != keys.len() {
+                return Err(self.err(sqlx::Error::RowNotFound));
+            }
+            for row in &records {
+                let i = self.returned(&order, requests, row)?;
+                out[i] = settled(&requests[i], row.get(2), row.get(3));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The request of a row that starts with `handler, key`.
+    fn returned(
+        &self,
+        order: &LockOrder,
+        requests: &[ClaimRequest<'_>],
+        row: &SqliteRow,
+    ) -> Result<usize, StoreError> {
+        order
+            .returned(requests, row.get(0), row.get(1))
+            .map_err(|why| self.config(why))
+    }
 }
 
 impl super::sql::sealed::Sealed for SqliteDialect {}
@@ -138,16 +260,7 @@ impl Dialect for SqliteDialect {
     fn statements(names: &Names) -> Statements {
         let t = &names.qualified;
         Statements {
-            claim: format!(
-                "INSERT INTO {t} (handler, key, fingerprint, message_id, created_at, expires_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
-                 ON CONFLICT (handler, key) DO UPDATE SET fingerprint = excluded.fingerprint, \
-                 message_id = excluded.message_id, result = NULL, created_at = excluded.created_at, \
-                 expires_at = excluded.expires_at \
-                 WHERE {t}.expires_at IS NOT NULL AND {t}.expires_at <= ?5 \
-                 RETURNING 1"
-            )
-            .into(),
+            claim: claim_sql(t, "(?1, ?2, ?3, ?4, ?5, ?6)", "?5", "1").into(),
             lookup: format!("SELECT fingerprint, result FROM {t} WHERE handler = ?1 AND key = ?2")
                 .into(),
             save_result: format!("UPDATE {t} SET result = ?3 WHERE handler = ?1 AND key = ?2")
@@ -158,6 +271,25 @@ impl Dialect for SqliteDialect {
                  (SELECT rowid FROM {t} WHERE expires_at IS NOT NULL AND expires_at <= ?1 LIMIT ?2)"
             )
             .into(),
+            // `IN (SELECT … FROM (VALUES …))`, not `IN (VALUES …)`: older
+            // SQLite (3.40, a system library with sqlx's `sqlite-unbundled`)
+            // plans the latter as a scan of the whole table. Each row of the
+            // claim has the same `created_at`: the claim's now.
+            many: Many {
+                claim: split(claim_sql(t, "\0", "excluded.created_at", "handler, key")),
+                lookup: split(format!(
+                    "SELECT handler, key, fingerprint, result FROM {t} \
+                     WHERE (handler, key) IN (SELECT column1, column2 FROM (VALUES \0))"
+                )),
+                save_results: split(format!(
+                    "UPDATE {t} SET result = v.column3 FROM (VALUES \0) AS v \
+                     WHERE {t}.handler = v.column1 AND {t}.key = v.column2"
+                )),
+                delete: split(format!(
+                    "DELETE FROM {t} \
+                     WHERE (handler, key) IN (SELECT column1, column2 FROM (VALUES \0))"
+                )),
+            },
         }
     }
 
@@ -203,11 +335,7 @@ impl Dialect for SqliteDialect {
         if let [one] = requests {
             return Ok(vec![store.claim_one(conn, one, now).await?]);
         }
-        let mut out = vec![TWIN; requests.len()];
-        for &i in LockOrder::of(requests).indices() {
-            out[i] = store.claim_one(conn, &requests[i], now).await?;
-        }
-        Ok(out)
+        store.claim_many(conn, requests, now).await
     }
 
     async fn save_results(
@@ -215,7 +343,7 @@ impl Dialect for SqliteDialect {
         conn: &mut SqliteConnection,
         done: &[&Claimed<'_>],
     ) -> Result<(), StoreError> {
-        for c in done {
+        if let [c] = done {
             sqlx::query(store.statements().save_result.sql())
                 .bind(c.request.handler)
                 .bind(c.request.key.as_str())
@@ -223,6 +351,18 @@ impl Dialect for SqliteDialect {
                 .execute(&mut *conn)
                 .await
                 .map_err(|e| store.err(e))?;
+            return Ok(());
+        }
+        let many = &store.statements().many;
+        for done in done.chunks(KEYS_PER_STATEMENT) {
+            let mut query = sqlx::query(Many::sql(&many.save_results, done.len(), 3));
+            for c in done {
+                query = query
+                    .bind(c.request.handler)
+                    .bind(c.request.key.as_str())
+                    .bind(c.result);
+            }
+            query.execute(&mut *conn).await.map_err(|e| store.err(e))?;
         }
         Ok(())
     }
@@ -232,13 +372,22 @@ impl Dialect for SqliteDialect {
         conn: &mut SqliteConnection,
         claimed: &[Claimed<'_>],
     ) -> Result<(), StoreError> {
-        for c in claimed {
+        if let [c] = claimed {
             sqlx::query(store.statements().delete.sql())
                 .bind(c.request.handler)
                 .bind(c.request.key.as_str())
                 .execute(&mut *conn)
                 .await
                 .map_err(|e| store.err(e))?;
+            return Ok(());
+        }
+        let many = &store.statements().many;
+        for claimed in claimed.chunks(KEYS_PER_STATEMENT) {
+            let mut query = sqlx::query(Many::sql(&many.delete, claimed.len(), 2));
+            for c in claimed {
+                query = query.bind(c.request.handler).bind(c.request.key.as_str());
+            }
+            query.execute(&mut *conn).await.map_err(|e| store.err(e))?;
         }
         Ok(())
     }
@@ -257,6 +406,12 @@ impl Dialect for SqliteDialect {
         let code = error.code().and_then(|c| c.parse().ok()).unwrap_or(0);
         classify(code, error.message())
     }
+}
+
+/// A statement's text around the `\0` that stands for its `VALUES` list.
+fn split(sql: String) -> (String, String) {
+    let (head, tail) = sql.split_once('\0').unwrap_or((&sql, ""));
+    (head.to_owned(), tail.to_owned())
 }
 
 /// SQLite's table, by extended result code (its low byte is the primary
@@ -292,6 +447,41 @@ pub(crate) fn now_millis() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every statement over many keys reaches the table's rows through its
+    /// primary key, never by scanning the table.
+    #[tokio::test]
+    async fn statements_over_many_keys_use_the_primary_key() {
+        let store = SqliteStore::open("sqlite::memory:").await.unwrap();
+        store.migrate().await.unwrap();
+        let many = &store.statements().many;
+        let t = &store.names().qualified;
+        for (statement, columns) in [
+            (&many.claim, 6),
+            (&many.lookup, 2),
+            (&many.save_results, 3),
+            (&many.delete, 2),
+        ] {
+            let sqlx::AssertSqlSafe(sql) = Many::sql(statement, 3, columns);
+            let mut explain = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")));
+            for _ in 0..3 * columns {
+                explain = explain.bind("x");
+            }
+            let plan: Vec<String> = explain
+                .fetch_all(store.pool())
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get(3))
+                .collect();
+            assert!(
+                !plan
+                    .iter()
+                    .any(|step| step.starts_with(&format!("SCAN {t}"))),
+                "{sql}: {plan:#?}"
+            );
+        }
+    }
 
     #[test]
     fn errors_are_classified_by_result_code() {

@@ -1,4 +1,5 @@
-//! The keys of one claim call in the order rows are locked.
+//! The keys of one claim call in the order rows are locked, and what the
+//! dialects that claim a batch through a list of rows share.
 
 use crate::store::ClaimRequest;
 
@@ -29,7 +30,6 @@ impl LockOrder {
     }
 
     /// The request claiming `(handler, key)`.
-    #[cfg(feature = "mysql")]
     pub(crate) fn find(
         &self,
         requests: &[ClaimRequest<'_>],
@@ -40,6 +40,35 @@ impl LockOrder {
             .binary_search_by(|&i| id(&requests[i]).cmp(&(handler, key)))
             .ok()
             .map(|at| self.firsts[at])
+    }
+
+    /// The request claiming the `(handler, key)` of a row a batch statement
+    /// returned; `Err(why)` for a key the statement was not given (a bug or
+    /// a table that is not ours: never answered as some other key).
+    pub(crate) fn returned(
+        &self,
+        requests: &[ClaimRequest<'_>],
+        handler: &str,
+        key: &str,
+    ) -> Result<usize, String> {
+        self.find(requests, handler, key).ok_or_else(|| {
+            format!(
+                "claim statement returned a row for a key it was not given ({handler:?}, {key:?})"
+            )
+        })
+    }
+}
+
+/// Appends `(?, ?), (?, ?)`: `rows` rows of `columns` anonymous
+/// parameters, the `VALUES` list of a statement over many keys.
+#[cfg(feature = "sqlite")]
+pub(crate) fn push_placeholders(sql: &mut String, rows: usize, columns: usize) {
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for column in 0..columns {
+            sql.push_str(if column == 0 { "?" } else { ", ?" });
+        }
+        sql.push(')');
     }
 }
 
@@ -69,7 +98,6 @@ mod tests {
             .collect();
         let order = LockOrder::of(&requests);
         assert_eq!(order.indices(), &[1, 0, 3]);
-        #[cfg(feature = "mysql")]
         for (handler, key, want) in [
             ("h", "b", Some(0)),
             ("h", "c", Some(3)),
@@ -78,5 +106,23 @@ mod tests {
         ] {
             assert_eq!(order.find(&requests, handler, key), want);
         }
+        assert_eq!(order.returned(&requests, "h", "c"), Ok(3));
+        assert!(
+            order
+                .returned(&requests, "h", "d")
+                .unwrap_err()
+                .contains("\"d\"")
+        );
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn placeholders_make_rows_of_parameters() {
+        let mut sql = String::from("VALUES ");
+        push_placeholders(&mut sql, 3, 2);
+        assert_eq!(sql, "VALUES (?, ?), (?, ?), (?, ?)");
+        sql.clear();
+        push_placeholders(&mut sql, 1, 1);
+        assert_eq!(sql, "(?)");
     }
 }

@@ -28,6 +28,8 @@ mod tx;
 
 #[cfg(any(feature = "sqlite", feature = "mysql"))]
 pub(crate) use batch::LockOrder;
+#[cfg(feature = "sqlite")]
+pub(crate) use batch::push_placeholders;
 pub use error::Failure;
 pub(crate) use migrate::{Migration, MigrationLog, Migrator};
 pub use tx::{DefaultDb, Tx};
@@ -71,8 +73,8 @@ pub trait Dialect: sealed::Sealed + Send + Sync + Sized + 'static {
     -> impl Future<Output = Result<Vec<i64>, StoreError>> + Send;
 
     /// Claims all keys in one round trip (SQLite: in-process, one statement
-    /// per key). A key given twice is claimed once, the copies answer
-    /// `InProgress`.
+    /// claiming the keys and one reading the records already there). A key
+    /// given twice is claimed once, the copies answer `InProgress`.
     #[doc(hidden)]
     fn claim(
         store: &SqlStore<Self>,
@@ -250,7 +252,6 @@ impl<D: Dialect> SqlStore<D> {
     }
 
     /// A setup mistake that retrying cannot fix.
-    #[cfg(any(feature = "postgres", feature = "mysql"))]
     pub(crate) fn config(&self, message: String) -> StoreError {
         StoreError::Config {
             store: D::STORE,
