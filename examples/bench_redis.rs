@@ -12,8 +12,11 @@
 //! - the in-process cache tier off and on, with hot duplicates.
 //!
 //! ```text
-//! cargo run --release --example bench_redis --features redis [-- <messages> [<runs>]]
+//! cargo run --release --example bench_redis --features redis [-- <messages> [<runs> [<row>]]]
 //! ```
+//!
+//! `<row>` runs one row alone, to profile it (`perf record`): `single-hand`,
+//! `single-store`, `single-idem`, `single-memory`, or the same with `batch-`.
 //!
 //! Reads `REDIS_URL` (default `redis://127.0.0.1:6379`). Prints messages/s
 //! and the ratios; each figure is the best of `<runs>` (default 3)
@@ -433,6 +436,12 @@ async fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(50_000);
     let reps: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3).max(1);
+    // One row alone, to profile it (`perf record`): `single-idem`, `batch-hand`, …
+    let only = args.next();
+    let on = |mode: &str, row: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split_once('-') == Some((mode, row)))
+    };
     let run = format!("idem-bench-{}", std::process::id());
     let store = match RedisStore::builder(&url).prefix(&run).connect().await {
         Ok(s) => s,
@@ -469,102 +478,135 @@ async fn main() -> ExitCode {
     for r in 0..reps {
         // Each step's rate; the runs are interleaved so that a noisy moment
         // does not hit one row only.
-        if let Some(rb) = redis_benchmark(&url, n, SINGLE_DEPTH, 1) {
+        if only.is_none()
+            && let Some(rb) = redis_benchmark(&url, n, SINGLE_DEPTH, 1)
+        {
             single[0].push(rb_figure(rb));
         }
         let u = url.as_str();
-        single[1].push(
-            metered(
-                u,
-                n,
-                run_hand_loop(u, &format!("{run}-hs{r}"), n, 1, SINGLE_DEPTH),
-            )
-            .await,
-        );
-        single[2].push(
-            metered(
-                u,
-                n,
-                run_store_loop(&store, &format!("ss{r}-"), n, 1, SINGLE_DEPTH),
-            )
-            .await,
-        );
-        single[3].push(
-            metered(
-                u,
-                n,
-                run_idem(
-                    store.clone(),
-                    "bench-single",
-                    "single",
-                    (0..n).map(|i| msg(&format!("s{r}-{i}"))),
-                    SINGLE_DEPTH,
-                ),
-            )
-            .await,
-        );
-        single[4].push(
-            metered(
-                u,
-                n,
-                run_idem(
-                    MemoryStore::new(),
-                    "mem-single",
-                    "single",
-                    (0..n).map(|i| msg(&format!("s{i}"))),
-                    SINGLE_DEPTH,
-                ),
-            )
-            .await,
-        );
-        if let Some(rb) = redis_benchmark(&url, n * 2, 1, BATCH) {
+        if on("single", "hand") {
+            single[1].push(
+                metered(
+                    u,
+                    n,
+                    run_hand_loop(u, &format!("{run}-hs{r}"), n, 1, SINGLE_DEPTH),
+                )
+                .await,
+            );
+        }
+        if on("single", "store") {
+            single[2].push(
+                metered(
+                    u,
+                    n,
+                    run_store_loop(&store, &format!("ss{r}-"), n, 1, SINGLE_DEPTH),
+                )
+                .await,
+            );
+        }
+        if on("single", "idem") {
+            single[3].push(
+                metered(
+                    u,
+                    n,
+                    run_idem(
+                        store.clone(),
+                        "bench-single",
+                        "single",
+                        (0..n).map(|i| msg(&format!("s{r}-{i}"))),
+                        SINGLE_DEPTH,
+                    ),
+                )
+                .await,
+            );
+        }
+        if on("single", "memory") {
+            single[4].push(
+                metered(
+                    u,
+                    n,
+                    run_idem(
+                        MemoryStore::new(),
+                        "mem-single",
+                        "single",
+                        (0..n).map(|i| msg(&format!("s{i}"))),
+                        SINGLE_DEPTH,
+                    ),
+                )
+                .await,
+            );
+        }
+        if only.is_none()
+            && let Some(rb) = redis_benchmark(&url, n * 2, 1, BATCH)
+        {
             batch[0].push(rb_figure(rb));
         }
-        batch[1].push(
-            metered(
-                u,
-                n * 2,
-                run_hand_loop(u, &format!("{run}-hb{r}"), n * 2, BATCH, 1),
-            )
-            .await,
-        );
-        batch[2].push(
-            metered(
-                u,
-                n * 2,
-                run_store_loop(&store, &format!("sb{r}-"), n * 2, BATCH, 1),
-            )
-            .await,
-        );
-        batch[3].push(
-            metered(
-                u,
-                n * 2,
-                run_idem(
-                    store.clone(),
-                    "bench-batch",
-                    "batch",
-                    (0..n * 2).map(|i| msg(&format!("b{r}-{i}"))),
-                    BATCH,
-                ),
-            )
-            .await,
-        );
-        batch[4].push(
-            metered(
-                u,
-                n * 2,
-                run_idem(
-                    MemoryStore::new(),
-                    "mem-batch",
-                    "batch",
-                    (0..n * 2).map(|i| msg(&format!("b{i}"))),
-                    BATCH,
-                ),
-            )
-            .await,
-        );
+        if on("batch", "hand") {
+            batch[1].push(
+                metered(
+                    u,
+                    n * 2,
+                    run_hand_loop(u, &format!("{run}-hb{r}"), n * 2, BATCH, 1),
+                )
+                .await,
+            );
+        }
+        if on("batch", "store") {
+            batch[2].push(
+                metered(
+                    u,
+                    n * 2,
+                    run_store_loop(&store, &format!("sb{r}-"), n * 2, BATCH, 1),
+                )
+                .await,
+            );
+        }
+        if on("batch", "idem") {
+            batch[3].push(
+                metered(
+                    u,
+                    n * 2,
+                    run_idem(
+                        store.clone(),
+                        "bench-batch",
+                        "batch",
+                        (0..n * 2).map(|i| msg(&format!("b{r}-{i}"))),
+                        BATCH,
+                    ),
+                )
+                .await,
+            );
+        }
+        if on("batch", "memory") {
+            batch[4].push(
+                metered(
+                    u,
+                    n * 2,
+                    run_idem(
+                        MemoryStore::new(),
+                        "mem-batch",
+                        "batch",
+                        (0..n * 2).map(|i| msg(&format!("b{i}"))),
+                        BATCH,
+                    ),
+                )
+                .await,
+            );
+        }
         clean(&url, &run).await;
+    }
+
+    if let Some(only) = &only {
+        for (mode, figures) in [("single", &single), ("batch", &batch)] {
+            for (i, name) in ["hand", "store", "idem", "memory"].iter().enumerate() {
+                if on(mode, name) {
+                    println!("{only}:");
+                    cpu_row(name, &figures[i + 1]);
+                }
+            }
+        }
+        clean(&url, &run).await;
+        return ExitCode::SUCCESS;
     }
 
     for (title, figures, rb_name) in [
