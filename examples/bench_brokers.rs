@@ -43,7 +43,7 @@
 mod producers;
 #[path = "support/raw_brokers.rs"]
 mod raw_brokers;
-// `bench` is the function below.
+// Not `mod bench`: `bench` is this file's per-broker stage function.
 #[path = "support/bench.rs"]
 mod bench_support;
 
