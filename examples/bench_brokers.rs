@@ -16,6 +16,23 @@
 //! when built with `--features kafka`. URLs come from `REDIS_URL`,
 //! `NATS_URL`, `AMQP_URL`, `KAFKA_BROKERS` and `DATABASE_URL`.
 //!
+//! Beside them, per broker (redis, nats, rabbitmq), the broker's and the
+//! store's own limits, measured in the same run:
+//!
+//! - `hand single` / `hand batch` (store `none`): a hand loop through idem's
+//!   adapter for the broker (`Subscription::fetch` / `ack` / `ack_many`).
+//! - `raw batch` (store `none`, CSV `impl = raw`): a hand-written
+//!   consume-and-ack loop on the broker's client crate, without idem
+//!   (`support/raw_brokers.rs`): `XREADGROUP … COUNT 64` + one `XACK`;
+//!   JetStream `fetch` of 64 + `+ACK` each; RabbitMQ `basic.qos(64)`,
+//!   `basic.consume`, one `basic.ack(multiple)` per 64.
+//! - `pgbench batch` (store `PostgreSQL`, CSV `impl = pgbench`), right after
+//!   the broker's PostgreSQL batch stage: `benches/pgbench/batch.sql` with
+//!   64 rows per transaction and 1 client (the batch stage's: one batch at
+//!   a time), as `bench_stores` runs it.
+//! - `target`: idem batch → PostgreSQL ÷ min(raw loop, pgbench batched), to
+//!   hold ≥ 0.5.
+//!
 //! Kafka also runs the PostgreSQL handler with `ack = "batch"`
 //! (`concurrency(64)`: batches of up to 64), and `kafka-raw` is the broker's
 //! own limit on the same machine: a hand-written rdkafka loop in a consumer
@@ -24,6 +41,11 @@
 
 #[path = "support/producers.rs"]
 mod producers;
+#[path = "support/raw_brokers.rs"]
+mod raw_brokers;
+// Not `mod bench`: `bench` is this file's per-broker stage function.
+#[path = "support/bench.rs"]
+mod bench_support;
 
 use std::error::Error;
 use std::time::{Duration, Instant};
@@ -37,6 +59,7 @@ use idem::store::postgres::PostgresStore;
 use idem::store::sqlite::SqliteStore;
 use idem::{CancellationToken, DedupStore, Runtime, Source, Subscription, Tx, idempotent};
 use producers::{Outgoing, Producer};
+use raw_brokers::Backlog;
 use serde::Deserialize;
 use sqlx::{AssertSqlSafe, Executor};
 
@@ -102,6 +125,13 @@ async fn bench_postgres_batch(orders: Vec<Order>, tx: &mut Tx<'_>) -> Result<(),
 
 /// Batch size of the batch handler and of the hand-written loop's batches.
 const BATCH: usize = 64;
+/// The raw loops' topic (a stage of its own).
+const RAW_TOPIC: &str = "idem-bench-raw";
+/// pgbench's clients beside the batch stage: the batch handler runs one
+/// fetched batch at a time (`bench_stores` runs its batch points so too).
+const PGBENCH_CLIENTS: usize = 1;
+/// The target: idem batch → PostgreSQL ≥ this × min(raw loop, pgbench batched).
+const TARGET: f64 = 0.5;
 
 type BoxResult<T> = std::result::Result<T, Box<dyn Error>>;
 
@@ -299,12 +329,20 @@ async fn measure<S: Source, P: Producer, D: DedupStore<M>, M>(
     Ok(elapsed)
 }
 
+/// What the target line compares a broker's raw loop with, msgs/s.
+struct Limits {
+    /// idem, the batch handler into PostgreSQL.
+    idem_batch: f64,
+    /// pgbench batched, run right after it (`None`: it did not run).
+    pgbench: Option<f64>,
+}
+
 async fn bench<S: Source, P: Producer>(
     broker: &str,
     source: impl Fn() -> BoxResult<S>,
     producer: &P,
     n: usize,
-) -> BoxResult<()> {
+) -> BoxResult<Limits> {
     let db = std::env::temp_dir().join(format!("idem-bench-{}.db", std::process::id()));
     let store = sqlite(&db).await?;
     let t = measure(
@@ -354,20 +392,110 @@ async fn bench<S: Source, P: Producer>(
         .fetch_one(store.pool())
         .await?;
     report(broker, "PostgreSQL", "batch", n, t, rows);
+    let idem_batch = n as f64 / t.as_secs_f64();
+    let pgbench = pgbench_batched(broker, &store, &schema, n).await?;
     drop_schema(&store, &schema).await?;
     for (mode, batch) in [("single", CONCURRENCY), ("batch", BATCH)] {
         let t = hand_loop(source()?, producer, n, batch, mode == "single").await?;
         report(broker, "none", &format!("hand {mode}"), n, t, n as i64);
     }
-    Ok(())
+    Ok(Limits {
+        idem_batch,
+        pgbench,
+    })
+}
+
+/// PostgreSQL's own limit for the batch stage: pgbench batched
+/// ([`BATCH`] rows per transaction, [`PGBENCH_CLIENTS`]), in the stage's
+/// schema, about `n` messages. A missing or failing pgbench is said, not
+/// fatal (`None`).
+async fn pgbench_batched(
+    broker: &str,
+    store: &PostgresStore,
+    schema: &str,
+    n: usize,
+) -> BoxResult<Option<f64>> {
+    store
+        .pool()
+        .execute(sqlx::raw_sql(bench_support::PGBENCH_TABLES))
+        .await?;
+    let url = env(
+        "DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432/postgres",
+    );
+    let transactions = (n / (PGBENCH_CLIENTS * BATCH)).max(1) as u64;
+    let schema = schema.to_owned();
+    let result = tokio::task::spawn_blocking(move || {
+        bench_support::pgbench(&url, &schema, PGBENCH_CLIENTS, BATCH, transactions)
+    })
+    .await?;
+    match result {
+        Ok(rate) => {
+            let messages = transactions as usize * PGBENCH_CLIENTS * BATCH;
+            print_rate(
+                broker,
+                "PostgreSQL",
+                "pgbench batch",
+                messages,
+                rate,
+                &format!("{PGBENCH_CLIENTS} client, {transactions} transactions of {BATCH} rows"),
+            );
+            Ok(Some(rate))
+        }
+        Err(e) => {
+            eprintln!("{broker}: {e}");
+            Ok(None)
+        }
+    }
+}
+
+/// The raw loop's backlog: `n` orders on [`RAW_TOPIC`], batches of [`BATCH`].
+fn backlog<'a, P>(producer: &'a P, messages: &'a [Outgoing]) -> Backlog<'a, P> {
+    Backlog {
+        producer,
+        topic: RAW_TOPIC,
+        messages,
+        batch: BATCH,
+    }
+}
+
+/// The raw loop's row, then the target line: idem batch → PostgreSQL ÷
+/// min(raw loop, pgbench batched).
+fn raw_and_target(broker: &str, n: usize, limits: &Limits, raw: Duration) {
+    report(broker, "none", "raw batch", n, raw, n as i64);
+    let raw = n as f64 / raw.as_secs_f64();
+    let (floor, of) = match limits.pgbench {
+        Some(pg) => (raw.min(pg), format!("min(raw {raw:.0}, pgbench {pg:.0})")),
+        None => (raw, format!("raw {raw:.0} (no pgbench)")),
+    };
+    let ratio = limits.idem_batch / floor;
+    println!(
+        "{broker:<15} {:<11} {:<13} idem batch {:.0} / {of} = {ratio:.2}   target {TARGET} ({})",
+        "target",
+        "",
+        limits.idem_batch,
+        if ratio >= TARGET { "met" } else { "NOT met" },
+    );
 }
 
 fn report(broker: &str, store: &str, mode: &str, n: usize, t: Duration, rows: i64) {
     let ok = if rows == n as i64 { "ok" } else { "WRONG" };
-    let rate = n as f64 / t.as_secs_f64();
+    print_rate(
+        broker,
+        store,
+        mode,
+        n,
+        n as f64 / t.as_secs_f64(),
+        &format!("effects {rows} ({ok})"),
+    );
+}
+
+/// One measurement: printed, and a row in `$BENCH_CSV` (`mode` "hand
+/// batch" is impl `hand`, mode `batch`; a one-word mode is idem's).
+fn print_rate(broker: &str, store: &str, mode: &str, n: usize, rate: f64, note: &str) {
     println!(
-        "{broker:<15} {store:<11} {mode:<13} {n:>7} msgs {:>8.2} s {rate:>8.0} msgs/s   effects {rows} ({ok})",
-        t.as_secs_f64(),
+        "{broker:<15} {store:<11} {mode:<13} {n:>7} msgs {:>8.2} s {rate:>8.0} msgs/s   {note}",
+        n as f64 / rate,
     );
     // `$BENCH_CSV` (scripts/bench.sh): one row per measurement.
     if let Ok(path) = std::env::var("BENCH_CSV") {
@@ -408,7 +536,7 @@ async fn main() -> BoxResult<()> {
         brokers = ["redis", "nats", "rabbitmq"].map(String::from).to_vec();
     }
     println!(
-        "idem end to end: single (ack = auto, concurrency {CONCURRENCY}), batch (batch handler, {BATCH}); hand loop: fetch, decode, ack, no store; {} CPUs",
+        "idem end to end: single (ack = auto, concurrency {CONCURRENCY}), batch (batch handler, {BATCH}); hand loop (idem's adapter) and raw loop (the client crate): fetch, decode, ack, no store; pgbench batched ({PGBENCH_CLIENTS} client × {BATCH}); {} CPUs",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     for b in &brokers {
@@ -416,29 +544,37 @@ async fn main() -> BoxResult<()> {
             "redis" => {
                 let url = env("REDIS_URL", "redis://127.0.0.1:6379");
                 let producer = producers::RedisProducer::connect(&url).await?;
-                bench(
+                let limits = bench(
                     "Redis Streams",
                     || Ok(RedisStreams::new(&url)?),
                     &producer,
                     n,
                 )
                 .await?;
+                let raw =
+                    raw_brokers::redis::<Order>(&url, &backlog(&producer, &orders(n))).await?;
+                raw_and_target("Redis Streams", n, &limits, raw);
             }
             "nats" => {
                 let url = env("NATS_URL", "nats://127.0.0.1:4222");
                 let producer = producers::NatsProducer::connect(&url).await?;
-                bench(
+                let limits = bench(
                     "NATS JetStream",
                     || Ok(NatsJetStream::new(&url)?),
                     &producer,
                     n,
                 )
                 .await?;
+                let raw = raw_brokers::nats::<Order>(&url, &backlog(&producer, &orders(n))).await?;
+                raw_and_target("NATS JetStream", n, &limits, raw);
             }
             "rabbitmq" => {
                 let url = env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
                 let producer = producers::RabbitProducer::connect(&url).await?;
-                bench("RabbitMQ", || Ok(RabbitMq::new(&url)?), &producer, n).await?;
+                let limits = bench("RabbitMQ", || Ok(RabbitMq::new(&url)?), &producer, n).await?;
+                let raw =
+                    raw_brokers::rabbitmq::<Order>(&url, &backlog(&producer, &orders(n))).await?;
+                raw_and_target("RabbitMQ", n, &limits, raw);
             }
             #[cfg(feature = "kafka")]
             "kafka" => {

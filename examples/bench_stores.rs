@@ -481,11 +481,10 @@ async fn open(name: &str) -> BoxResult<Store> {
             store.migrate().await?;
             store
                 .pool()
-                .execute(sqlx::raw_sql(
-                    "CREATE TABLE effects (id text NOT NULL, amount bigint NOT NULL);
-                     CREATE TABLE pgb_keys (k text PRIMARY KEY);
-                     CREATE TABLE pgb_effects (id text NOT NULL, amount bigint NOT NULL)",
-                ))
+                .execute(sqlx::raw_sql(AssertSqlSafe(format!(
+                    "CREATE TABLE effects (id text NOT NULL, amount bigint NOT NULL); {}",
+                    bench::PGBENCH_TABLES
+                ))))
                 .await?;
             let claim: Arc<str> = store.claim_statement().into();
             Store::Postgres(store, claim)
@@ -577,33 +576,20 @@ async fn close(store: &Store) -> BoxResult<()> {
 /// The store's own limit at `clients` × `batch`: msg/s, or `None` when the
 /// tool is missing or fails (said on stderr).
 fn native(store: &Store, clients: usize, batch: usize, n: u64) -> Option<(&'static str, f64)> {
-    let root = env!("CARGO_MANIFEST_DIR");
     let per_client = (n / (clients as u64 * batch as u64)).max(1);
     let (tool, output) = match store {
         Store::Postgres(..) => {
-            let script = if batch == 1 {
-                format!("{root}/benches/pgbench/single.sql")
-            } else {
-                format!("{root}/benches/pgbench/batch.sql")
-            };
             let url = env(
                 "DATABASE_URL",
                 "postgres://postgres@127.0.0.1:5432/postgres",
             );
-            let out = Command::new("pgbench")
-                .env("PGOPTIONS", format!("-c search_path={}", bench_id()))
-                .args([
-                    "-n",
-                    "-f",
-                    script.as_str(),
-                    "-D",
-                    format!("batch={batch}").as_str(),
-                ])
-                .args(["-c", clients.to_string().as_str()])
-                .args(["-j", clients.min(2).to_string().as_str()])
-                .args(["-t", per_client.to_string().as_str(), url.as_str()])
-                .output();
-            ("pgbench", out)
+            return match bench::pgbench(&url, &bench_id(), clients, batch, per_client) {
+                Ok(rate) => Some(("pgbench", rate)),
+                Err(e) => {
+                    eprintln!("  {e}");
+                    None
+                }
+            };
         }
         Store::Redis(..) => {
             let out = Command::new("redis-benchmark")
@@ -647,32 +633,15 @@ fn native(store: &Store, clients: usize, batch: usize, n: u64) -> Option<(&'stat
         }
         _ => return None,
     };
-    let out = match output {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
-        Ok(o) => {
-            eprintln!(
-                "  {tool} failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            return None;
-        }
+    let out = match bench::tool_output(tool, output) {
+        Ok(out) => out,
         Err(e) => {
-            eprintln!("  {tool} not run: {e}");
+            eprintln!("  {e}");
             return None;
         }
     };
-    let number_after = |marker: &str| -> Option<f64> {
-        let at = out.rfind(marker)? + marker.len();
-        out[at..]
-            .trim_start()
-            .split(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .next()?
-            .parse()
-            .ok()
-    };
+    let number_after = |marker: &str| bench::number_after(&out, marker);
     let rate = match tool {
-        // tps × messages per transaction
-        "pgbench" => number_after("tps = ")? * batch as f64,
         // one SET per message
         "redis-benchmark" => number_after("SET rb:__rand_int__ x NX PX 60000:")?,
         // seconds for all the queries: 4 statements per transaction

@@ -12,8 +12,12 @@
 //! - [`rss_kib`]: `VmRSS`/`VmHWM` of this process from `/proc/self/status`;
 //!   [`cpu_time`]: its CPU time from `/proc/self/stat`.
 //! - [`Csv`]: appends rows to the CSV `scripts/bench.sh` plots.
+//! - [`pgbench`]: PostgreSQL's own limit (`benches/pgbench/*.sql`), and
+//!   [`tool_output`] / [`number_after`] to run such a tool and read its
+//!   figure.
 //!
-//! Loaded with `#[path = "support/bench.rs"] mod bench;`.
+//! Loaded with `#[path = "support/bench.rs"] mod bench;` (`bench_brokers`:
+//! `mod bench_support`).
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::VecDeque;
@@ -320,4 +324,69 @@ impl Csv {
         let line: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
         let _ = writeln!(self.file, "{}", line.join(","));
     }
+}
+
+/// The tables `benches/pgbench/*.sql` write, in the schema pgbench runs in.
+pub const PGBENCH_TABLES: &str = "CREATE TABLE pgb_keys (k text PRIMARY KEY);
+     CREATE TABLE pgb_effects (id text NOT NULL, amount bigint NOT NULL)";
+
+/// The stdout of a finished `tool` run, or why there is none.
+pub fn tool_output(
+    tool: &str,
+    output: std::io::Result<std::process::Output>,
+) -> Result<String, String> {
+    match output {
+        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).into_owned()),
+        Ok(o) => Err(format!(
+            "{tool} failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Err(format!("{tool} not run: {e}")),
+    }
+}
+
+/// The number after the last `marker` in `out`.
+pub fn number_after(out: &str, marker: &str) -> Option<f64> {
+    let at = out.rfind(marker)? + marker.len();
+    out[at..]
+        .trim_start()
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// PostgreSQL's own limit in messages/s: `pgbench` with
+/// `benches/pgbench/single.sql` (`batch` 1) or `batch.sql` (`batch` rows per
+/// transaction), `clients` connections, `transactions` per client, in
+/// `schema` (which must hold [`PGBENCH_TABLES`]), on `url`. tps × `batch`.
+pub fn pgbench(
+    url: &str,
+    schema: &str,
+    clients: usize,
+    batch: usize,
+    transactions: u64,
+) -> Result<f64, String> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let script = if batch == 1 {
+        format!("{root}/benches/pgbench/single.sql")
+    } else {
+        format!("{root}/benches/pgbench/batch.sql")
+    };
+    let output = std::process::Command::new("pgbench")
+        .env("PGOPTIONS", format!("-c search_path={schema}"))
+        .args([
+            "-n",
+            "-f",
+            script.as_str(),
+            "-D",
+            format!("batch={batch}").as_str(),
+        ])
+        .args(["-c", clients.to_string().as_str()])
+        .args(["-j", clients.min(2).to_string().as_str()])
+        .args(["-t", transactions.to_string().as_str(), url])
+        .output();
+    let out = tool_output("pgbench", output)?;
+    let tps = number_after(&out, "tps = ").ok_or_else(|| format!("pgbench: no tps in {out:?}"))?;
+    Ok(tps * batch as f64)
 }
