@@ -7,8 +7,10 @@
 //!   --features redis-streams,nats,rabbitmq,postgres -- [messages] [broker …]
 //! ```
 //!
-//! Per broker and store: delete the topic, declare it (one subscription),
-//! publish `messages` orders (default 10,000; not timed), then run one
+//! Per broker and store, on a topic and consumer groups of the stage's own
+//! (no group is re-joined, no topic re-created): declare the topic (one
+//! subscription; Kafka's producer creates it), publish `messages` orders
+//! (default 10,000; not timed), then run one
 //! `ack = "auto"` handler with `concurrency(16)` until it has committed them
 //! all, and check the effect rows. Per message the handler does what a real
 //! one does: decode JSON, claim the key, insert one row, commit, ack.
@@ -16,7 +18,8 @@
 //! when built with `--features kafka`. URLs come from `REDIS_URL`,
 //! `NATS_URL`, `AMQP_URL`, `KAFKA_BROKERS` and `DATABASE_URL`.
 //!
-//! Beside them, per broker (redis, nats, rabbitmq), the broker's and the
+//! Then the PostgreSQL batch stage: the batch handler, `concurrency(64)`
+//! (batches of up to 64). Beside them, per broker, the broker's and the
 //! store's own limits, measured in the same run:
 //!
 //! - `hand single` / `hand batch` (store `none`): a hand loop through idem's
@@ -25,19 +28,15 @@
 //!   consume-and-ack loop on the broker's client crate, without idem
 //!   (`support/raw_brokers.rs`): `XREADGROUP … COUNT 64` + one `XACK`;
 //!   JetStream `fetch` of 64 + `+ACK` each; RabbitMQ `basic.qos(64)`,
-//!   `basic.consume`, one `basic.ack(multiple)` per 64.
+//!   `basic.consume`, one `basic.ack(multiple)` per 64; Kafka: an rdkafka
+//!   consumer in a fresh group polling the backlog, committing the consumed
+//!   offsets asynchronously every 64 messages and synchronously at the end.
 //! - `pgbench batch` (store `PostgreSQL`, CSV `impl = pgbench`), right after
 //!   the broker's PostgreSQL batch stage: `benches/pgbench/batch.sql` with
 //!   64 rows per transaction and 1 client (the batch stage's: one batch at
 //!   a time), as `bench_stores` runs it.
 //! - `target`: idem batch → PostgreSQL ÷ min(raw loop, pgbench batched), to
 //!   hold ≥ 0.5.
-//!
-//! Kafka also runs the PostgreSQL handler with `ack = "batch"`
-//! (`concurrency(64)`: batches of up to 64), and `kafka-raw` is the broker's
-//! own limit on the same machine: a hand-written rdkafka loop in a consumer
-//! group that reads the backlog and commits the consumed offsets
-//! asynchronously every 64 messages (no store, no handler).
 
 #[path = "support/producers.rs"]
 mod producers;
@@ -407,7 +406,7 @@ async fn bench<S: Source, P: Producer>(
 
 /// PostgreSQL's own limit for the batch stage: pgbench batched
 /// ([`BATCH`] rows per transaction, [`PGBENCH_CLIENTS`]), in the stage's
-/// schema, about `n` messages. A missing or failing pgbench is said, not
+/// schema, about `n` messages (at least 600 transactions). A missing or failing pgbench is said, not
 /// fatal (`None`).
 async fn pgbench_batched(
     broker: &str,
@@ -423,7 +422,9 @@ async fn pgbench_batched(
         "DATABASE_URL",
         "postgres://postgres@127.0.0.1:5432/postgres",
     );
-    let transactions = (n / (PGBENCH_CLIENTS * BATCH)).max(1) as u64;
+    // At least ~40,000 rows: a run of a fraction of a second measures the
+    // machine's mood of that moment (rates doubled between runs).
+    let transactions = (n / (PGBENCH_CLIENTS * BATCH)).max(600) as u64;
     let schema = schema.to_owned();
     let result = tokio::task::spawn_blocking(move || {
         bench_support::pgbench(&url, &schema, PGBENCH_CLIENTS, BATCH, transactions)
@@ -580,36 +581,19 @@ async fn main() -> BoxResult<()> {
             "kafka" => {
                 let brokers = env("KAFKA_BROKERS", "127.0.0.1:9092");
                 let producer = producers::KafkaProducer::connect(&brokers)?;
-                bench(
+                let limits = bench(
                     "Kafka",
                     || Ok(idem::source::kafka::Kafka::new(&brokers)?),
                     &producer,
                     n,
                 )
                 .await?;
-            }
-            // One run each (tansu 0.6 sometimes hangs a group's join after
-            // an earlier run in the same process: a fresh broker per run).
-            #[cfg(feature = "kafka")]
-            "kafka-postgres" | "kafka-batch" => {
-                let brokers = env("KAFKA_BROKERS", "127.0.0.1:9092");
-                let producer = producers::KafkaProducer::connect(&brokers)?;
-                let mode = if b == "kafka-batch" {
-                    "batch"
-                } else {
-                    "single"
-                };
-                kafka_bench::postgres_stage(&brokers, &producer, n, mode).await?;
-            }
-            #[cfg(feature = "kafka")]
-            "kafka-raw" => {
-                let brokers = env("KAFKA_BROKERS", "127.0.0.1:9092");
-                let producer = producers::KafkaProducer::connect(&brokers)?;
-                kafka_bench::raw(&brokers, &producer, n).await?;
+                let raw = kafka_raw::run(&brokers, &producer, n).await?;
+                raw_and_target("Kafka", n, &limits, raw);
             }
             other => {
                 return Err(format!(
-                    "unknown broker {other:?}: redis, nats, rabbitmq, kafka, kafka-postgres, kafka-batch or kafka-raw (with --features kafka)"
+                    "unknown broker {other:?}: redis, nats, rabbitmq or kafka (with --features kafka)"
                 )
                 .into());
             }
@@ -618,61 +602,29 @@ async fn main() -> BoxResult<()> {
     Ok(())
 }
 
-/// Kafka's extra runs: `ack = "batch"` into PostgreSQL, and the hand-written
-/// consume-and-commit loop that is the broker's own limit.
+/// Kafka's raw loop: the broker's own limit, through rdkafka directly.
 #[cfg(feature = "kafka")]
-mod kafka_bench {
+mod kafka_raw {
     use super::*;
     use idem::source::kafka::rdkafka::config::ClientConfig;
     use idem::source::kafka::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
     use idem::source::kafka::rdkafka::message::Message;
 
-    fn source(brokers: &str) -> BoxResult<idem::source::kafka::Kafka> {
-        Ok(idem::source::kafka::Kafka::new(brokers)?)
-    }
-
-    /// One stage into PostgreSQL: `single` (`ack = "auto"`, 16 in flight)
-    /// or `batch` (the batch handler, batches of up to 64).
-    pub(crate) async fn postgres_stage(
-        brokers: &str,
-        producer: &impl Producer,
-        n: usize,
-        mode: &str,
-    ) -> BoxResult<()> {
-        let (handler, concurrency) = match mode {
-            "batch" => ("bench-postgres-batch", BATCH),
-            _ => ("bench-postgres", CONCURRENCY),
-        };
-        let schema = format!("idem_bench_{mode}_{}", std::process::id());
-        let store = postgres(&schema).await?;
-        let t = measure(
-            source(brokers)?,
-            producer,
-            store.clone(),
-            handler,
-            n,
-            concurrency,
-        )
-        .await?;
-        let rows: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT order_id) FROM bench_effects")
-            .fetch_one(store.pool())
-            .await?;
-        report("Kafka", "PostgreSQL", mode, n, t, rows);
-        drop_schema(&store, &schema).await?;
-        Ok(())
-    }
-
     /// A hand-written rdkafka loop: one consumer in a fresh group reads the
     /// backlog (timed from the subscription, as idem is), committing the
     /// consumed offsets asynchronously every 64 messages and synchronously
     /// at the end.
-    pub(crate) async fn raw(brokers: &str, producer: &impl Producer, n: usize) -> BoxResult<()> {
+    pub(crate) async fn run(
+        brokers: &str,
+        producer: &impl Producer,
+        n: usize,
+    ) -> BoxResult<Duration> {
         let topic = format!("{}{TOPIC}", stage_prefix());
         producer.reset(&topic).await?;
         producer.publish(&topic, &orders(n)).await?;
         let group = format!("{topic}-raw");
         let (brokers, t_topic) = (brokers.to_owned(), topic.clone());
-        let (t, bytes) = tokio::task::spawn_blocking(move || -> Result<_, String> {
+        let t = tokio::task::spawn_blocking(move || -> Result<_, String> {
             let c: BaseConsumer = ClientConfig::new()
                 .set("bootstrap.servers", &brokers)
                 .set("group.id", &group)
@@ -682,7 +634,7 @@ mod kafka_bench {
                 .map_err(|e| e.to_string())?;
             let started = Instant::now();
             c.subscribe(&[&t_topic]).map_err(|e| e.to_string())?;
-            let (mut seen, mut bytes) = (0usize, 0usize);
+            let mut seen = 0usize;
             while seen < n {
                 if started.elapsed() > Duration::from_secs(600) {
                     return Err(format!("gave up after 600 s: {seen} of {n}"));
@@ -690,7 +642,8 @@ mod kafka_bench {
                 match c.poll(Duration::from_millis(100)) {
                     Some(Ok(m)) => {
                         seen += 1;
-                        bytes += m.payload().map_or(0, <[u8]>::len);
+                        let _: Order = serde_json::from_slice(m.payload().unwrap_or_default())
+                            .map_err(|e| format!("Kafka raw loop: decode: {e}"))?;
                         if seen.is_multiple_of(BATCH) {
                             c.commit_consumer_state(CommitMode::Async)
                                 .map_err(|e| e.to_string())?;
@@ -702,17 +655,10 @@ mod kafka_bench {
             }
             c.commit_consumer_state(CommitMode::Sync)
                 .map_err(|e| e.to_string())?;
-            Ok((started.elapsed(), bytes))
+            Ok(started.elapsed())
         })
         .await??;
-        println!(
-            "{:<15} {:<11} {n:>7} msgs {:>8.2} s {:>8.0} msgs/s   ({bytes} payload bytes)",
-            "Kafka raw loop",
-            "-",
-            t.as_secs_f64(),
-            n as f64 / t.as_secs_f64()
-        );
         producer.delete(&topic).await?;
-        Ok(())
+        Ok(t)
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::ack::AckMode;
 use crate::binding::{Binding, BuildError, HandlerDescriptor, Purger, Stores};
 use crate::consumer::{LoopConfig, consume};
 use crate::handler::{Backoff, HandlerMeta};
@@ -127,7 +128,9 @@ impl<S: Source> RuntimeBuilder<S> {
         self
     }
 
-    /// Deliveries processed at once per handler (default 16); also the prefetch.
+    /// Deliveries processed at once per handler (default 16); also the
+    /// prefetch (twice that with `ack = "batch"`: the next batch arrives
+    /// while one commits).
     pub fn concurrency(mut self, n: usize) -> Self {
         self.cfg.concurrency = n.max(1);
         self
@@ -398,6 +401,18 @@ impl<S: Source> Runtime<S> {
     }
 }
 
+/// How many unacked deliveries the broker may hand a handler's consumer:
+/// its concurrency; in `ack = "batch"` twice that, so that the next batch is
+/// already delivered while one commits (the acks of a batch go out after its
+/// commit: with a window of one batch the broker would send nothing during
+/// it, and every batch would wait a broker round trip).
+fn prefetch(ack: AckMode, concurrency: usize) -> usize {
+    match ack {
+        AckMode::Batch => concurrency.saturating_mul(2),
+        _ => concurrency,
+    }
+}
+
 /// One handler's subscription (retried until it opens) and its loop.
 async fn serve<S: Source, Svc: Service>(
     source: Arc<S>,
@@ -412,7 +427,7 @@ async fn serve<S: Source, Svc: Service>(
         topic: meta.topic,
         group: meta.name,
         dead_letter: meta.dead_letter,
-        prefetch: cfg.concurrency,
+        prefetch: prefetch(meta.ack, cfg.concurrency),
     };
     let mut failures = 0u32;
     let sub = loop {
@@ -430,4 +445,17 @@ async fn serve<S: Source, Svc: Service>(
     };
     tracing::info!(handler = meta.name, topic = meta.topic, "consuming");
     consume(sub, service, transactional, metrics, cfg, stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_handler_has_the_next_batch_delivered_while_one_commits() {
+        assert_eq!(prefetch(AckMode::Batch, 64), 128);
+        assert_eq!(prefetch(AckMode::Auto, 16), 16);
+        assert_eq!(prefetch(AckMode::Manual, 16), 16);
+        assert_eq!(prefetch(AckMode::Batch, usize::MAX), usize::MAX);
+    }
 }
