@@ -47,6 +47,7 @@ mod raw_brokers;
 mod bench_support;
 
 use std::error::Error;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use idem::source::SubscribeSpec;
@@ -114,6 +115,7 @@ async fn bench_postgres(o: Order, tx: &mut Tx<'_>) -> Result<(), DbError> {
     name = "bench-postgres-batch"
 )]
 async fn bench_postgres_batch(orders: Vec<Order>, tx: &mut Tx<'_>) -> Result<(), DbError> {
+    BATCH_CALLS.fetch_add(1, Ordering::Relaxed);
     let mut q = sqlx::QueryBuilder::new("INSERT INTO bench_effects (order_id, amount) ");
     q.push_values(&orders, |mut row, o| {
         row.push_bind(&o.order_id).push_bind(o.amount);
@@ -124,6 +126,10 @@ async fn bench_postgres_batch(orders: Vec<Order>, tx: &mut Tx<'_>) -> Result<(),
 
 /// Batch size of the batch handler and of the hand-written loop's batches.
 const BATCH: usize = 64;
+
+/// Calls of the batch handler: messages ÷ calls is the batch size the
+/// source's fetches made (64 at most).
+static BATCH_CALLS: AtomicU64 = AtomicU64::new(0);
 /// The raw loops' topic (a stage of its own).
 const RAW_TOPIC: &str = "idem-bench-raw";
 /// pgbench's clients beside the batch stage: the batch handler runs one
@@ -256,7 +262,7 @@ async fn hand_loop<S: Source, P: Producer>(
 /// is re-created under a name it had (tansu 0.6 hangs in the first case and
 /// has crashed in the second).
 fn stage_prefix() -> String {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
     static STAGE: AtomicUsize = AtomicUsize::new(0);
     format!(
         "s{}-{}-",
@@ -391,6 +397,14 @@ async fn bench<S: Source, P: Producer>(
         .fetch_one(store.pool())
         .await?;
     report(broker, "PostgreSQL", "batch", n, t, rows);
+    let calls = BATCH_CALLS.swap(0, Ordering::Relaxed).max(1);
+    println!(
+        "{broker:<15} {:<11} {:<13} {calls} handler calls, {:.1} messages per batch on average, {:.2} ms per batch",
+        "",
+        "",
+        n as f64 / calls as f64,
+        t.as_secs_f64() * 1e3 / calls as f64
+    );
     let idem_batch = n as f64 / t.as_secs_f64();
     let pgbench = pgbench_batched(broker, &store, &schema, n).await?;
     drop_schema(&store, &schema).await?;
