@@ -86,6 +86,24 @@ mod statements {
     }
 }
 
+/// The requests whose claim is new, as committed with `result`.
+fn taken<'a>(
+    claims: &[Claim],
+    requests: &'a [ClaimRequest<'a>],
+    result: &'a str,
+) -> Vec<Claimed<'a>> {
+    claims
+        .iter()
+        .zip(requests)
+        .filter(|(c, _)| matches!(c, Claim::New { .. }))
+        .map(|(_, request)| Claimed {
+            request,
+            token: 0,
+            result: Some(result),
+        })
+        .collect()
+}
+
 /// Claims, one key per claim call, and commits each with `result`: the
 /// single-key path, the reference the batch is compared with.
 async fn claim_singly(
@@ -97,14 +115,7 @@ async fn claim_singly(
     for r in requests {
         let mut tx = store.begin().await.unwrap();
         let got = store.claim(&mut tx, std::slice::from_ref(r)).await.unwrap();
-        let done: Vec<Claimed<'_>> = match got[0] {
-            Claim::New { .. } => vec![Claimed {
-                request: r,
-                token: 0,
-                result: Some(result),
-            }],
-            _ => vec![],
-        };
+        let done = taken(&got, std::slice::from_ref(r), result);
         store.commit(tx, &done).await.unwrap();
         out.push(got.into_iter().next().unwrap());
     }
@@ -194,16 +205,7 @@ async fn a_batch_of_64_is_claimed_with_one_insert_and_one_lookup() {
     let mut tx = store.begin().await.unwrap();
     let claims = store.claim(&mut tx, &requests).await.unwrap();
     let claimed = statements::naming(table).split_off(before);
-    let done: Vec<Claimed<'_>> = claims
-        .iter()
-        .zip(&requests)
-        .filter(|(c, _)| matches!(c, Claim::New { .. }))
-        .map(|(_, r)| Claimed {
-            request: r,
-            token: 0,
-            result: Some("2"),
-        })
-        .collect();
+    let done = taken(&claims, &requests, "2");
     store.commit(tx, &done).await.unwrap();
     let saved = statements::naming(table).split_off(before + claimed.len());
 
@@ -293,16 +295,7 @@ async fn a_large_batch_answers_and_stores_what_single_claims_do() {
 
     let mut tx = batch.begin().await.unwrap();
     let claims = batch.claim(&mut tx, &requests).await.unwrap();
-    let done: Vec<Claimed<'_>> = claims
-        .iter()
-        .zip(&requests)
-        .filter(|(c, _)| matches!(c, Claim::New { .. }))
-        .map(|(_, r)| Claimed {
-            request: r,
-            token: 0,
-            result: Some("2"),
-        })
-        .collect();
+    let done = taken(&claims, &requests, "2");
     batch.commit(tx, &done).await.unwrap();
     let reference = claim_singly(&single, &requests, "2").await;
     assert_eq!(claims, as_in_a_batch(&requests, reference));
